@@ -1,0 +1,5 @@
+import sys
+
+from smoothsmoe_server.cli import main
+
+sys.exit(main())

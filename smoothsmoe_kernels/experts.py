@@ -1,0 +1,51 @@
+"""moe_experts(): the MoE layer's expert sum over active pairs only (torch reference)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from smoothsmoe_kernels.pairs import group_pairs_by_expert
+
+
+def moe_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y[t] = sum over active slots j of weights[t, j] * Expert_{ids[t, j]}(x[t]).
+
+    Expert_e(x) = (silu(x @ gate_e.T) * (x @ up_e.T)) @ w2[e].T, with vLLM's
+    weight layout: w13 [E, 2I, H] holds gate rows then up rows, w2 [E, H, I].
+
+    x [T, H]; ids [T, W] int (-1 = inactive); weights [T, W] float32.
+    Returns [T, H] in x's dtype. Inactive slots and experts without pairs cost
+    nothing: they are never multiplied, not even by a zero weight. Each
+    expert's matmuls run in x's dtype; the weighted sum accumulates in float32.
+    """
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
+    T, H = x.shape
+    E, two_I, H_w = w13.shape
+    if H_w != H or w2.shape != (E, H, two_I // 2) or ids.shape != weights.shape or ids.shape[0] != T:
+        raise ValueError(
+            f"shapes do not agree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, "
+            f"ids {tuple(ids.shape)}, weights {tuple(weights.shape)}"
+        )
+    pairs = group_pairs_by_expert(ids, E)
+    pair_weight = weights.reshape(-1)[pairs.flat_slot].float()  # [P]
+    y = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    bounds = pairs.offsets.tolist()
+    for e in range(E):  # a loop over experts, not tokens; experts without pairs are skipped
+        lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:
+            continue
+        tok = pairs.token[lo:hi]
+        gate, up = (x[tok] @ w13[e].T).chunk(2, dim=-1)
+        out = (F.silu(gate) * up) @ w2[e].T  # [n, H]
+        y.index_add_(0, tok, out.float() * pair_weight[lo:hi, None])
+    return y.to(x.dtype)
