@@ -57,7 +57,7 @@ def calibrate_eps(
         return bg.extras(eps_t).sum().item() / scores.shape[0]
 
     # Past the largest gap that can ever enter, the mean saturates.
-    enterable = bg.gaps < bg.cap_gap.unsqueeze(-1)
+    enterable = bg.gaps < bg.cap_gap
     top = float(bg.gaps[enterable].max()) if enterable.any() else 0.0
     hi = float(torch.nextafter(torch.tensor(top, dtype=torch.float32), torch.tensor(float("inf"))))
     attainable = mean_extras(hi)

@@ -26,11 +26,7 @@ import torch.nn.functional as F
 from smoothsmoe_kernels.config import RoutingConfig
 
 FMAX = torch.finfo(torch.float32).max
-# u and 1-u are clamped to this before the logs: far below any weight that
-# matters, far above float32's smallest normal, so log() stays finite.
-U_MIN = 1e-30
-STEP_A = 1.0  # s(u) = u^a / (u^a + (1-u)^b), the spec's smooth step
-STEP_B = 50.0
+STEP_B = 50.0  # s(u) = u^a / (u^a + (1-u)^b) with a = 1, b = 50: the spec's smooth step
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,23 +46,25 @@ class RoutingResult:
 
 @dataclass(frozen=True, slots=True)
 class BandGaps:
-    """What decides the band for any eps: enough for routing and calibration alike."""
+    """What decides the band for any eps: enough for routing and calibration alike.
+
+    Where tau is -inf (fewer than k finite scores) every gap is +inf: no band.
+    """
 
     gaps: torch.Tensor  # [T, M] float32, tau - z(k+j); +inf where no candidate
-    cap_gap: torch.Tensor  # [T] float32, tau - z(k+M+1); 0 where there is no band
-    has_band: torch.Tensor  # [T] bool, tau is finite (else fewer than k finite scores)
+    cap_gap: torch.Tensor  # [T, 1] float32, tau - z(k+M+1); +inf where none
 
     def band(self, eps: torch.Tensor) -> torch.Tensor:
-        """Band width B = min(eps, c) per token, [T] float32; 0 is an empty band."""
+        """Band width B = min(eps, c) per token, [T, 1] float32."""
         return torch.minimum(eps, self.cap_gap)
-
-    def capped(self, eps: torch.Tensor) -> torch.Tensor:
-        """[T] bool: z(k+M+1) > tau - eps, the cap moved the band's lower edge."""
-        return self.has_band & (self.cap_gap < eps)
 
     def extras(self, eps: torch.Tensor) -> torch.Tensor:
         """Active extras per token [T, M] bool: gap_j < B. Monotone in eps."""
-        return self.gaps < self.band(eps).unsqueeze(-1)
+        return self.gaps < self.band(eps)
+
+    def capped(self, eps: torch.Tensor) -> torch.Tensor:
+        """[T] bool: z(k+M+1) > tau - eps, the cap moved the band's lower edge."""
+        return (self.cap_gap < eps).squeeze(-1)
 
 
 def smooth_topk(
@@ -119,44 +117,47 @@ def route(
     correction_bias: torch.Tensor | None = None,
 ) -> RoutingResult:
     """smooth_topk with the layer's RoutingConfig; see the module docstring."""
-    K, M, W = config.top_k, config.max_extra, config.width
-    z, weight_src, idx, zs = _select(scores, config, correction_bias)
-    T = z.shape[0]
-    eps_t = _eps_tensor(eps, z.device)
+    K, M = config.top_k, config.max_extra
+    weight_src, idx, zs = _select(scores, config, correction_bias)
+    eps_t = _eps_tensor(eps, zs.device)
 
     bg = _gaps_from_sorted(zs, K, M)
-    B = bg.band(eps_t)  # [T]
-    active = bg.gaps < B.unsqueeze(-1)  # [T, M], a prefix of the M slots
-    capped = bg.capped(eps_t)
+    B = bg.band(eps_t)  # [T, 1]
+    active = bg.gaps < B  # [T, M], a prefix of the M slots
+    mult = F.pad(torch.where(active, _f64(_smooth_step, bg.gaps, B), 0.0), (K, 0), value=1.0)  # [T, W]
+    slot_active = F.pad(active, (K, 0), value=True)  # [T, W]
 
-    # mult_j = s(u_j) through the stable log form; u and 1-u from the gaps
-    # directly so that neither loses bits to cancellation near 0 or 1.
-    B_safe = torch.where(B > 0, B, torch.ones_like(B)).unsqueeze(-1)
-    u = ((B.unsqueeze(-1) - bg.gaps) / B_safe).clamp(min=U_MIN)
-    one_minus_u = (bg.gaps / B_safe).clamp(min=U_MIN)
-    mult_extra = _f64(lambda a, b: torch.exp(-F.softplus(STEP_B * torch.log(b) - STEP_A * torch.log(a))), u, one_minus_u)
-    mult = torch.cat([torch.ones(T, K, device=z.device), torch.where(active, mult_extra, 0.0)], dim=-1)  # [T, W]
-    slot_active = torch.cat([torch.ones(T, K, dtype=torch.bool, device=z.device), active], dim=-1)
-
-    ids = torch.where(slot_active, idx[:, :W], -1).to(torch.int32)  # [T, W]
-    weights = _weights(config, z, weight_src, zs, idx, mult)
-    weights = torch.where(slot_active, weights * config.routed_scaling_factor, 0.0)
-
-    margin = torch.nan_to_num(zs[:, K - 1] - zs[:, K], nan=0.0, posinf=FMAX)
+    ids = torch.where(slot_active, idx[:, : K + M], -1).to(torch.int32)
+    weights = _weights(config, weight_src, zs, idx, mult)
+    if config.routed_scaling_factor != 1.0:
+        weights = weights * config.routed_scaling_factor
     return RoutingResult(
         ids=ids,
-        weights=weights,
+        weights=weights,  # 0 in inactive slots already: their mult is 0
         order=active.sum(-1, dtype=torch.int32),
-        capped=capped,
-        margin=margin,
+        capped=bg.capped(eps_t),
+        margin=torch.nan_to_num(zs[:, K - 1] - zs[:, K], nan=0.0, posinf=FMAX),
     )
+
+
+def _smooth_step(gaps: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """s(u) = u / (u + (1-u)^50) with u = (B - gap) / B; meaningful where gap < B.
+
+    u and 1 - u = gap / B are both taken from the gap, so that neither loses
+    bits to cancellation near 0 or 1. Called in float64 (see _f64), where this
+    direct form is exact to rounding: u + (1-u) = 1, so one of them is >= 1/2
+    and the denominator is >= 2^-50, far from underflow. The spec's log form,
+    -softplus(50 log(1-u) - log u), is what float32 code needs instead.
+    """
+    u = (B - gaps) / B
+    return u / (u + (gaps / B) ** STEP_B)
 
 
 def band_gaps(
     scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.Tensor | None = None
 ) -> BandGaps:
     """The gaps that decide a batch's extras for every eps (used by calibration)."""
-    *_, zs = _select(scores, config, correction_bias)
+    _, _, zs = _select(scores, config, correction_bias)
     return _gaps_from_sorted(zs, config.top_k, config.max_extra)
 
 
@@ -188,56 +189,57 @@ def _eps_tensor(eps: float | torch.Tensor, device: torch.device) -> torch.Tensor
 def _select(scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.Tensor | None):
     """Selection scores and the top W+1 of them, ties to the lower index.
 
-    Returns z [T, E] (selection scores after group masking), weight_src [T, E]
-    (logits for softmax, sigmoid(logit) for sigmoid), idx [T, W+1] int64
-    (expert ids by descending score, -1 past E) and zs [T, W+1] (their scores,
-    -inf past E).
+    Returns weight_src [T, E] (logits for softmax, sigmoid(logit) for
+    sigmoid, before group masking), idx [T, W+1] int64 (expert ids by
+    descending selection score, -1 past E) and zs [T, W+1] (their selection
+    scores, -inf past E).
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [T, E], got shape {tuple(scores.shape)}")
     T, E = scores.shape
     config.check_num_experts(E)
     logits = scores.float()
-    nan = torch.isnan(logits)
     if config.scoring_func == "sigmoid":
-        weight_src = torch.where(nan, 0.0, _f64(torch.sigmoid, logits))
-        z = weight_src if correction_bias is None else weight_src + correction_bias.float()
-        z = torch.where(nan, float("-inf"), z)
+        sig = _f64(torch.sigmoid, logits)  # NaN stays NaN here, and in z below
+        z = sig if correction_bias is None else sig + correction_bias.float()
+        weight_src = torch.nan_to_num(sig, nan=0.0)
+    elif correction_bias is not None:
+        raise ValueError("correction_bias is defined for scoring_func='sigmoid' only")
     else:
-        if correction_bias is not None:
-            raise ValueError("correction_bias is defined for scoring_func='sigmoid' only")
-        z = weight_src = logits
-    # NaN counts as -inf, +inf as the largest float (so differences stay
-    # finite), and +0.0 replaces -0.0 so that the integer keys below tie them.
-    z = torch.nan_to_num(z, nan=float("-inf"), posinf=FMAX, neginf=float("-inf")) + 0.0
+        z = logits
+    # NaN counts as -inf, +inf as the largest float (so differences stay finite).
+    z = torch.nan_to_num(z, nan=float("-inf"), posinf=FMAX, neginf=float("-inf"))
     if config.scoring_func == "softmax":
         weight_src = z
 
     if config.num_expert_group is not None:
         z = _mask_groups(z, config, with_bias=correction_bias is not None)
 
-    n = min(config.width + 1, E)
-    idx = _topk_lower_index(z, n)  # [T, n] int64
-    zs = z.gather(1, idx)
-    pad = config.width + 1 - n
+    zs, idx = _topk_lower_index(z, min(config.width + 1, E))  # [T, n]
+    pad = config.width + 1 - zs.shape[1]
     if pad:  # fewer experts than W+1: the missing candidates score -inf
         idx = F.pad(idx, (0, pad), value=-1)
         zs = F.pad(zs, (0, pad), value=float("-inf"))
-    return z, weight_src, idx, zs
+    return weight_src, idx, zs
 
 
-def _topk_lower_index(z: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the n largest entries per row, ties broken by the lower index.
+def _topk_lower_index(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and indices [T, n] of the n largest entries per row, ties to the lower index.
 
-    torch.topk breaks ties arbitrarily, so rank on an int64 key instead: the
-    float's bits mapped to an order-preserving int32, times E, plus a term that
-    prefers the lower index among equal floats. Keys are distinct per row.
+    torch.topk returns the right values but orders equal values arbitrarily.
+    So take the top n+1 values; a row whose values hold no two equal
+    neighbours has no tie that could change its first n ids (a tie with an
+    expert outside the set would show as the n-th and (n+1)-th being equal).
+    Only rows with a tie are re-ranked with a stable sort, which keeps equal
+    values in index order. NaN must already be gone (it would rank first).
     """
     T, E = z.shape
-    bits = z.view(torch.int32)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # [T, E]
-    key = ordered * E + (E - 1 - torch.arange(E, device=z.device))
-    return key.topk(n, dim=-1, sorted=True).indices
+    vals, idx = z.topk(min(n + 1, E), dim=-1, sorted=True)
+    tie = (vals[:, 1:] == vals[:, :-1]).any(-1)  # -0.0 == +0.0 counts as a tie too
+    rows = tie.nonzero().squeeze(-1)
+    if rows.numel():  # data-dependent, so a host sync: fine on the CPU path this serves
+        idx[rows] = z[rows].sort(dim=-1, descending=True, stable=True).indices[:, : idx.shape[1]]
+    return vals[:, :n], idx[:, :n]  # the values are right either way
 
 
 def _mask_groups(z: torch.Tensor, config: RoutingConfig, with_bias: bool) -> torch.Tensor:
@@ -254,27 +256,22 @@ def _mask_groups(z: torch.Tensor, config: RoutingConfig, with_bias: bool) -> tor
         group_score = torch.nan_to_num(top2.sum(-1), nan=float("-inf"), posinf=FMAX)
     else:
         group_score = zg.amax(-1)
-    groups = _topk_lower_index(group_score + 0.0, config.topk_group)  # [T, topk_group]
+    _, groups = _topk_lower_index(group_score, config.topk_group)  # [T, topk_group]
     keep = torch.zeros(T, G, dtype=torch.bool, device=z.device).scatter_(1, groups, True)
     return torch.where(keep.unsqueeze(-1), zg, float("-inf")).view(T, E)
 
 
 def _gaps_from_sorted(zs: torch.Tensor, K: int, M: int) -> BandGaps:
-    tau = zs[:, K - 1 : K]  # [T, 1]
-    band_ok = torch.isfinite(tau)  # tau = -inf: fewer than k finite scores, no band
-    gaps = torch.where(band_ok, tau - zs[:, K : K + M], float("inf"))
-    gaps = torch.nan_to_num(gaps, nan=float("inf"))  # -inf candidates (and overflow) never enter
-    cap_gap = torch.where(band_ok, tau - zs[:, K + M : K + M + 1], 0.0).squeeze(-1)
-    return BandGaps(gaps=gaps, cap_gap=cap_gap, has_band=band_ok.squeeze(-1))
+    # -inf candidates, and tau = -inf (then -inf - -inf = NaN), never enter: +inf.
+    gaps = torch.nan_to_num(zs[:, K - 1 : K] - zs[:, K:], nan=float("inf"), posinf=float("inf"))  # [T, M+1]
+    return BandGaps(gaps=gaps[:, :M], cap_gap=gaps[:, M:])
 
 
-def _weights(config, z, weight_src, zs, idx, mult) -> torch.Tensor:
-    """Unscaled weights of the W slots per the family; inactive slots are masked by the caller."""
+def _weights(config: RoutingConfig, weight_src, zs, idx, mult) -> torch.Tensor:
+    """Unscaled weights [T, W] of the family; inactive slots are masked by the caller."""
     K, W = config.top_k, config.width
-    T = z.shape[0]
-    slot_ids = idx[:, :W].clamp(min=0)
     if config.scoring_func == "softmax":
-        zmax = zs[:, :1]
+        zmax = zs[:, :1]  # -inf for an all -inf row: then every exp below is NaN
         num = mult * _f64(torch.exp, zs[:, :W] - zmax)  # exp(-inf) = 0 for -inf or missing slots
         if config.renormalize:
             den = num.sum(-1, keepdim=True)
@@ -284,11 +281,10 @@ def _weights(config, z, weight_src, zs, idx, mult) -> torch.Tensor:
             # its log(count) term is lost to rounding.
             den = _f64(lambda d: torch.exp(d).sum(-1, keepdim=True), weight_src - zmax)
     else:
-        num = mult * weight_src.gather(1, slot_ids)
+        num = mult * weight_src.gather(1, idx[:, :W].clamp(min=0))
         den = num.sum(-1, keepdim=True) if config.renormalize else torch.ones_like(num[:, :1])
-    w = num / torch.where(den > 0, den, 1.0)
-    # A row with nothing to normalize by (all scores -inf; or all sigmoids 0)
+    # A row with nothing to normalize by (all scores -inf, or all sigmoids 0)
     # falls back to equal weights on its top-k slots, as the spec says.
-    degenerate = ~(den > 0) | ~torch.isfinite(den)
-    equal = torch.cat([torch.full((T, K), 1.0 / K, device=z.device), torch.zeros(T, W - K, device=z.device)], -1)
-    return torch.where(degenerate, equal, torch.nan_to_num(w, nan=0.0, posinf=1.0))
+    # Elsewhere den >= the top slot's term > 0 and every term is finite.
+    equal = torch.tensor([1.0 / K] * K + [0.0] * (W - K), device=zs.device)
+    return torch.where(den > 0, num / den, equal)
