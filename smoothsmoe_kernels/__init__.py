@@ -3,7 +3,7 @@
 Imports with torch alone: no vLLM, no triton.
 """
 
-from smoothsmoe_kernels.calibration import Calibration, calibrate_eps
+from smoothsmoe_kernels.calibration import Calibration, calibrate_eps, calibrate_gaps
 from smoothsmoe_kernels.config import RoutingConfig
 from smoothsmoe_kernels.experts import moe_experts
 from smoothsmoe_kernels.routing import RoutingResult, route, smooth_topk
@@ -17,6 +17,7 @@ __all__ = [
     "StatsLayout",
     "accumulate",
     "calibrate_eps",
+    "calibrate_gaps",
     "moe_experts",
     "read_stats",
     "route",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from smoothsmoe_kernels.config import RoutingConfig
-from smoothsmoe_kernels.routing import band_gaps
+from smoothsmoe_kernels.routing import BandGaps, band_gaps
 
 DEFAULT_BUDGET = 0.5  # the paper's k* = k + 0.5 active experts per token
 DEFAULT_RTOL = 1e-4
@@ -44,17 +44,24 @@ def calibrate_eps(
     (about 1/N for continuous scores). If the budget cannot be reached, the
     smallest eps reaching the largest attainable mean is returned, reached=False.
     """
-    if not 0.0 <= budget <= config.max_extra:
-        raise ValueError(f"budget must be in [0, max_extra={config.max_extra}], got {budget}")
-    if not 0.0 < rtol < 1.0:
-        raise ValueError(f"rtol must be in (0, 1), got {rtol}")
     if scores.dim() != 2 or scores.shape[0] == 0:
         raise ValueError(f"need calibration scores [N, E] with N >= 1, got {tuple(scores.shape)}")
-    bg = band_gaps(scores, config, correction_bias)
+    return calibrate_gaps(band_gaps(scores, config, correction_bias), config.max_extra, budget, rtol)
+
+
+def calibrate_gaps(bg: BandGaps, max_extra: int, budget: float = DEFAULT_BUDGET, rtol: float = DEFAULT_RTOL) -> Calibration:
+    """calibrate_eps from recorded band gaps (N tokens) instead of scores."""
+    if not 0.0 <= budget <= max_extra:
+        raise ValueError(f"budget must be in [0, max_extra={max_extra}], got {budget}")
+    if not 0.0 < rtol < 1.0:
+        raise ValueError(f"rtol must be in (0, 1), got {rtol}")
+    N = bg.gaps.shape[0]
+    if N == 0:
+        raise ValueError("need at least one calibration token")
 
     def mean_extras(eps: float) -> float:
         eps_t = torch.tensor(eps, dtype=torch.float32, device=bg.gaps.device)
-        return bg.extras(eps_t).sum().item() / scores.shape[0]
+        return bg.extras(eps_t).sum().item() / N
 
     # Past the largest gap that can ever enter, the mean saturates.
     enterable = bg.gaps < bg.cap_gap

@@ -117,6 +117,16 @@ def route(
     correction_bias: torch.Tensor | None = None,
 ) -> RoutingResult:
     """smooth_topk with the layer's RoutingConfig; see the module docstring."""
+    return route_with_gaps(scores, config, eps, correction_bias)[0]
+
+
+def route_with_gaps(
+    scores: torch.Tensor,
+    config: RoutingConfig,
+    eps: float | torch.Tensor,
+    correction_bias: torch.Tensor | None = None,
+) -> tuple[RoutingResult, BandGaps]:
+    """route(), plus the band gaps it decided on (what calibration records)."""
     K, M = config.top_k, config.max_extra
     weight_src, idx, zs = _select(scores, config, correction_bias)
     eps_t = _eps_tensor(eps, zs.device)
@@ -131,13 +141,14 @@ def route(
     weights = _weights(config, weight_src, zs, idx, mult)
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
-    return RoutingResult(
+    result = RoutingResult(
         ids=ids,
         weights=weights,  # 0 in inactive slots already: their mult is 0
         order=active.sum(-1, dtype=torch.int32),
         capped=bg.capped(eps_t),
         margin=torch.nan_to_num(zs[:, K - 1] - zs[:, K], nan=0.0, posinf=FMAX),
     )
+    return result, bg
 
 
 def _smooth_step(gaps: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

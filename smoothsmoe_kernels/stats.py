@@ -94,19 +94,17 @@ def accumulate(
     buffer: torch.Tensor,
     layout: StatsLayout,
     result: RoutingResult,
-    num_valid: int | torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> None:
     """Add one routing step's counts into `buffer` in place, on its device.
 
-    Rows at index >= num_valid (padding) are not counted; a tensor num_valid
-    keeps this free of host syncs.
+    valid [T] bool, if given, marks the rows to count (padding rows are
+    False); everything stays on the device, with no host sync.
     """
     T, W = result.ids.shape
     K = layout.top_k
     dev = buffer.device
-    row = torch.ones(T, dtype=torch.float64, device=dev)
-    if num_valid is not None:
-        row = (torch.arange(T, device=dev) < torch.as_tensor(num_valid, device=dev)).to(torch.float64)
+    row = torch.ones(T, dtype=torch.float64, device=dev) if valid is None else valid.to(torch.float64)
     order = result.order.to(torch.float64)
     has_next = result.margin < FMAX  # no (k+1)-th candidate: +Inf bucket, not in the sum
     head = torch.stack(

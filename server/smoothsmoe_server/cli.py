@@ -1,18 +1,170 @@
-"""smoothsmoe: the command line (python -m smoothsmoe_server does the same)."""
+"""smoothsmoe serve|calibrate (python -m smoothsmoe_server does the same).
+
+`serve` is `vllm serve` with a "Smoothing" group of flags: vLLM's own parser
+and flags, passed through untouched. Our flags are generated from the fields
+of SmoothingOptions, and the options reach vLLM's engine processes once, as
+one JSON environment variable that the plugin's register() parses.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
+from pathlib import Path
+
+from smoothsmoe_server.options import SmoothingOptions
+
+WORKER_EXTENSION = "smoothsmoe_server.worker_extension.SmoothWorkerExtension"
+METRICS_MIDDLEWARE = "smoothsmoe_server.app.MetricsRefresh"
+# Flag help, keyed by SmoothingOptions field; `model` is not a flag (it is
+# the served model name).
+FLAG_HELP = {
+    "enabled": "Smoothed routing on or off. Off serves stock top-k routing, still counted in /metrics.",
+    "eps": "Band width per layer, in router-score units: a number (all layers), a JSON file from "
+    "`smoothsmoe calibrate`, or 'auto': calibrated to --smooth-budget at start-up.",
+    "budget": "Target mean extra experts per token for eps=auto (the paper's k + 0.5 is 0.5).",
+    "max_extra": "Cap on extra experts per token; MoE layers run at width top_k + max_extra.",
+}
+
+
+def add_smoothing_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Smoothing", "SmoothSMoE routing (flags prefixed --smooth-)")
+    defaults = SmoothingOptions()
+    for f in dataclasses.fields(SmoothingOptions):
+        if f.name not in FLAG_HELP:
+            continue
+        if f.type == "bool" or isinstance(getattr(defaults, f.name), bool):
+            group.add_argument("--smoothing", dest=f"smooth_{f.name}", action=argparse.BooleanOptionalAction,
+                               default=getattr(defaults, f.name), help=FLAG_HELP[f.name])
+        else:
+            kind = type(getattr(defaults, f.name))
+            group.add_argument(f"--smooth-{f.name.replace('_', '-')}", dest=f"smooth_{f.name}", type=kind,
+                               default=getattr(defaults, f.name), help=FLAG_HELP[f.name])
+
+
+def options_from_args(args: argparse.Namespace, model: str) -> SmoothingOptions:
+    values = {f.name: getattr(args, f"smooth_{f.name}") for f in dataclasses.fields(SmoothingOptions)
+              if f.name in FLAG_HELP}
+    return SmoothingOptions(**values, model=model)
+
+
+def serve(argv: list[str]) -> int:
+    import uvloop
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="smoothsmoe serve",
+                                                    description="OpenAI-compatible server with smoothed MoE routing."))
+    add_smoothing_args(parser)
+    args = parser.parse_args(argv)
+    model_given = args.model_tag is not None or args.model != parser.get_default("model")
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    if not model_given:
+        use_default_model(args)
+    served = (args.served_model_name or [args.model])[0]
+    options = options_from_args(args, served)
+    from smoothsmoe_server.eps import EpsPlan
+
+    EpsPlan.parse(options.eps)  # a bad --smooth-eps fails here, not in a worker
+    if args.worker_extension_cls not in ("", WORKER_EXTENSION):
+        parser.error("--worker-extension-cls is taken by smoothsmoe (its counters and calibration live there)")
+    if args.api_server_count not in (None, 1):
+        parser.error("smoothsmoe serves its routing metrics from one API server: use --api-server-count 1")
+    args.worker_extension_cls = WORKER_EXTENSION
+    args.middleware = [*args.middleware, METRICS_MIDDLEWARE]
+    os.environ.update(options.to_env())
+    validate_parsed_serve_args(args)
+
+    from smoothsmoe_server.app import run_server
+
+    uvloop.run(run_server(args, options))
+    return 0
+
+
+def use_default_model(args: argparse.Namespace) -> None:
+    """Serve the embedded tiny Qwen3-MoE (built on first use), sized for a CPU."""
+    from smoothsmoe_server import default_model
+
+    args.model = str(default_model.ensure_default_model())
+    if not args.served_model_name:
+        args.served_model_name = [default_model.DEFAULT_MODEL_NAME]
+    if args.max_model_len is None:
+        args.max_model_len = 2048
+    # vLLM's CPU backend sizes its KV cache from this (GiB); the tiny model needs little.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def calibrate(argv: list[str]) -> int:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="smoothsmoe calibrate",
+                                    description="Calibrate per-layer eps on your prompts and write a JSON file "
+                                    "for `smoothsmoe serve --smooth-eps FILE`.")
+    parser.add_argument("--prompts", required=True, type=Path,
+                        help="A text file (one prompt per non-empty line) or JSONL ({\"prompt\": ...} per line).")
+    parser.add_argument("--out", required=True, type=Path, help="Where to write the per-layer eps (JSON).")
+    parser = EngineArgs.add_cli_args(parser)  # vLLM's engine flags (--model, --dtype, ...)
+    add_smoothing_args(parser)
+    args = parser.parse_args(argv)
+    prompts = read_prompts(args.prompts)
+    options = dataclasses.replace(options_from_args(args, args.model), enabled=True, eps="auto")
+    os.environ.update(options.to_env())
+
+    from vllm import LLM, SamplingParams
+
+    engine_args = EngineArgs.from_cli_args(args)
+    engine_args.worker_extension_cls = WORKER_EXTENSION
+    llm = LLM(**dataclasses.asdict(engine_args))
+    llm.collective_rpc("smoothsmoe_start_recording")
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=True)  # the progress bar
+    layers = llm.collective_rpc("smoothsmoe_calibrate", args=(options.budget,))[0]
+    top_k = {s["layer"]: s["top_k"] for s in llm.collective_rpc("smoothsmoe_snapshot")[0]["layers"]}
+    from smoothsmoe_server.eps import save_eps_file
+
+    save_eps_file(args.out, layers, {"model": args.model, "budget": options.budget, "max_extra": options.max_extra,
+                                     "prompts": len(prompts)})
+    print(f"{'layer':>5} {'eps':>12} {'tokens':>7} {'mean active experts':>20}")
+    for layer, r in sorted(layers.items()):
+        note = "" if r["reached"] else "  (budget not reached)"
+        print(f"{layer:>5} {r['eps']:12.6g} {r['tokens']:>7} {top_k[layer] + r['mean_extras']:20.3f}{note}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def read_prompts(path: Path) -> list[str]:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            item = json.loads(line)
+            text = item if isinstance(item, str) else item.get("prompt", item.get("text"))
+            if not isinstance(text, str):
+                raise SystemExit(f"{path}:{n}: expected a string or an object with 'prompt' or 'text'")
+            prompts.append(text)
+    else:
+        prompts = lines
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts")
+    return prompts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="smoothsmoe", description="Serve MoE models with smoothed top-k routing.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="OpenAI-compatible server (needs the vLLM integration: the serve issue)")
-    args = parser.parse_args(argv)
-    print(f"smoothsmoe {args.command}: the vLLM integration is not built yet", file=sys.stderr)
-    return 2
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"serve": serve, "calibrate": calibrate}
+    if not argv or argv[0] not in commands:
+        print("usage: smoothsmoe {serve,calibrate} [-h] ...\n"
+              "  serve      OpenAI-compatible server with smoothed MoE routing (default model: embedded tiny MoE)\n"
+              "  calibrate  fit per-layer eps on your prompts, write a JSON file for --smooth-eps",
+              file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""The HTTP server: vLLM's own OpenAI app, plus smoothing's start-up and metrics.
+
+Everything OpenAI-facing (chat templates, streaming, logprobs, error bodies,
+--api-key) is vLLM's. We add two things around it:
+  - start-up: calibrate eps on the built-in prompts (eps=auto), then zero the
+    counters so that warm-up and calibration are not counted;
+  - /metrics: refresh the routing counters from the workers before vLLM's
+    handler renders the registry (MetricsRefresh, an ASGI middleware).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from prometheus_client import REGISTRY
+from vllm import SamplingParams
+from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
+from vllm.entrypoints.launchers.launcher import setup_server
+
+from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
+from smoothsmoe_server.eps import EpsPlan
+from smoothsmoe_server.metrics import RoutingMetrics
+from smoothsmoe_server.options import SmoothingOptions
+
+logger = logging.getLogger("vllm.smoothsmoe")  # under "vllm": vLLM's log handlers and format
+SNAPSHOT_MAX_AGE_S = 0.25  # scrapes closer together than this share one worker read
+
+
+async def run_server(args, options: SmoothingOptions) -> None:
+    """Start the engine, prepare routing, serve until SIGTERM/SIGINT (vLLM's chain)."""
+
+    def interrupt_start_up(*_):  # uvicorn installs its own handlers once serving
+        raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, interrupt_start_up)
+    listen_address, sock = setup_server(args, reuse_port=False)
+    async with build_async_engine_client(args) as engine:
+        await prepare_routing(engine, options)
+        shutdown = await build_and_serve(engine, listen_address, sock, args)
+    try:
+        await shutdown  # after the engine context exits, as vLLM's run_server_worker does
+    finally:
+        sock.close()
+
+
+async def prepare_routing(engine, options: SmoothingOptions, prompts: list[str] = CALIBRATION_PROMPTS) -> dict:
+    """Calibrate eps if asked (eps=auto), then zero the counters. Returns the calibration per layer."""
+    results: dict = {}
+    if options.enabled and EpsPlan.parse(options.eps).auto:
+        start = time.perf_counter()
+        await engine.collective_rpc("smoothsmoe_start_recording")
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+
+        async def prefill(i: int, prompt: str) -> None:
+            async for _ in engine.generate(prompt, params, request_id=f"smoothsmoe-calibration-{i}"):
+                pass
+
+        await asyncio.gather(*(prefill(i, p) for i, p in enumerate(prompts)))
+        results = (await engine.collective_rpc("smoothsmoe_calibrate", args=(options.budget,)))[0]
+        for layer, r in sorted(results.items()):
+            logger.info("smoothsmoe: layer %s eps=%.6g (mean extras %.3f on %d tokens%s)", layer, r["eps"],
+                        r["mean_extras"], r["tokens"], "" if r["reached"] else ", budget NOT reached")
+        logger.info("smoothsmoe: calibrated %d layers to %.2f extras/token in %.1f s", len(results),
+                    options.budget, time.perf_counter() - start)
+    await engine.collective_rpc("smoothsmoe_reset")
+    return results
+
+
+class MetricsRefresh:
+    """ASGI middleware (listed in args.middleware): on GET /metrics, read the
+    workers' routing counters first, so the scrape sees them as of now."""
+
+    def __init__(self, app):
+        self.app = app
+        self.metrics = RoutingMetrics()
+        self.read_at = 0.0
+        # The registry vLLM's /metrics serves with a single API server (cli.py
+        # refuses --api-server-count > 1, where it would be a multiprocess one).
+        REGISTRY.register(self.metrics)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/metrics":
+            await self.refresh(scope["app"].state.engine_client)
+        await self.app(scope, receive, send)
+
+    async def refresh(self, engine) -> None:
+        if time.monotonic() - self.read_at < SNAPSHOT_MAX_AGE_S:
+            return
+        try:
+            self.metrics.update((await engine.collective_rpc("smoothsmoe_snapshot"))[0])
+            self.read_at = time.monotonic()
+        except Exception:  # an unreadable engine must not break vLLM's own metrics: keep the last snapshot
+            logger.exception("smoothsmoe: could not read the routing counters; /metrics shows the last ones")

@@ -1,0 +1,71 @@
+"""Per-layer eps: a number for all layers, a JSON file of per-layer values, or auto.
+
+With auto, layers start at eps 0 (stock routing at full width) and are
+calibrated once the engine is up: the built-in prompts run through the engine
+while every router records its band gaps, then each layer's eps is bisected
+to the budget (smoothsmoe_kernels.calibrate_gaps) and fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EpsPlan:
+    """Where each layer's eps comes from."""
+
+    auto: bool = False
+    value: float | None = None  # one number for every layer
+    per_layer: dict[int, float] = field(default_factory=dict)  # from a file
+    source: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> EpsPlan:
+        """'auto', a number, or the path of a JSON file written by `smoothsmoe calibrate`."""
+        if spec == "auto":
+            return cls(auto=True, source="auto")
+        try:
+            value = float(spec)
+        except ValueError:
+            path = Path(spec)
+            if not path.is_file():
+                raise ValueError(f"--smooth-eps must be 'auto', a number or a JSON file; {spec!r} is none") from None
+            return cls(per_layer=load_eps_file(path), source=str(path))
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--smooth-eps must be finite and >= 0, got {spec}")
+        return cls(value=value, source=spec)
+
+    def initial(self, layer_index: int) -> float:
+        """The eps a layer starts with (0 until calibrated, with auto)."""
+        if self.auto:
+            return 0.0
+        if self.value is not None:
+            return self.value
+        if layer_index not in self.per_layer:
+            raise ValueError(f"eps file {self.source} has no value for MoE layer {layer_index}")
+        return self.per_layer[layer_index]
+
+
+def load_eps_file(path: Path) -> dict[int, float]:
+    """{layer index: eps} from a file of the form {"layers": {"0": 0.12, ...}, ...}."""
+    data = json.loads(Path(path).read_text())
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path}: expected a JSON object with a non-empty 'layers' mapping")
+    out = {}
+    for key, value in layers.items():
+        eps = value["eps"] if isinstance(value, dict) else value
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"{path}: layer {key}: eps must be a finite number >= 0, got {eps!r}")
+        out[int(key)] = float(eps)
+    return out
+
+
+def save_eps_file(path: Path, layers: dict[int, dict], meta: dict) -> None:
+    """Write per-layer calibration results (each with at least 'eps') as load_eps_file reads them."""
+    body = {**meta, "layers": {str(k): layers[k] for k in sorted(layers)}}
+    Path(path).write_text(json.dumps(body, indent=2) + "\n")

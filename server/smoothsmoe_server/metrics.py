@@ -1,0 +1,80 @@
+"""The spec's Prometheus metrics, exported from the workers' device counters.
+
+The counters live in the engine's worker (router.LayerCounters). The API
+server keeps the latest snapshot of them (read through collective_rpc when
+/metrics is scraped, see app.py) and this collector turns it into the metric
+families of the spec's table, so they appear on /metrics beside vLLM's own.
+Labels are bounded: layer, order (1..max_extra), expert, kind; no request
+ever reaches a label.
+"""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from smoothsmoe_kernels import StatsLayout, read_stats
+from smoothsmoe_server.options import SmoothingOptions
+
+
+class RoutingMetrics(Collector):
+    """A Prometheus collector over the last worker snapshot (see SmoothWorkerExtension.smoothsmoe_snapshot)."""
+
+    def __init__(self):
+        self.snapshot: dict = {"options": None, "layers": []}
+
+    def update(self, snapshot: dict | None) -> None:
+        if snapshot is not None:
+            self.snapshot = snapshot
+
+    def describe(self):
+        # Nothing to describe up front: registering must not trigger a collect.
+        return []
+
+    def collect(self):
+        def counter(name, doc, labels=("layer",)):
+            return CounterMetricFamily(name, doc, labels=list(labels))
+
+        tokens = counter("smoothsmoe_tokens_routed", "Tokens that passed the MoE layer (padding and warm-up excluded).")
+        active = counter("smoothsmoe_active_experts", "Sum over tokens of active experts (top_k + order).")
+        extras = counter("smoothsmoe_extra_experts", "Sum over tokens of active extra experts (order).")
+        hits = counter("smoothsmoe_boundary_hits", "Tokens of each order >= 1 (extras in the band).", ("layer", "order"))
+        capped = counter("smoothsmoe_capped_tokens", "Tokens whose band was cut by the max_extra cap.")
+        load = counter("smoothsmoe_expert_tokens", "Tokens routed to each expert, top-k and extra slots apart.",
+                       ("layer", "expert", "kind"))
+        margin = HistogramMetricFamily("smoothsmoe_router_margin",
+                                       "Router margin z(k) - z(k+1) per token, in score units.", labels=["layer"])
+        eps = GaugeMetricFamily("smoothsmoe_epsilon", "The layer's band width eps, in score units.", labels=["layer"])
+        smoothed = GaugeMetricFamily("smoothsmoe_layer_smoothed",
+                                     "1 if the layer routes smoothed, 0 if it keeps stock top-k.", labels=["layer"])
+        top_ks = set()
+        for s in self.snapshot["layers"]:
+            layer = str(s["layer"])
+            layout = StatsLayout(s["top_k"], s["max_extra"], s["num_experts"], tuple(s["margin_edges"]))
+            st = read_stats(torch.tensor(s["stats"], dtype=torch.float64), layout)
+            top_ks.add(s["top_k"])
+            tokens.add_metric([layer], st.tokens)
+            active.add_metric([layer], st.active)
+            extras.add_metric([layer], st.extras)
+            capped.add_metric([layer], st.capped)
+            for order, n in enumerate(st.hits_by_order, start=1):
+                hits.add_metric([layer, str(order)], n)
+            for e, (n_top, n_extra) in enumerate(zip(st.expert_tokens_topk, st.expert_tokens_extra)):
+                load.add_metric([layer, str(e), "topk"], n_top)
+                load.add_metric([layer, str(e), "extra"], n_extra)
+            cumulative, buckets = 0, []
+            for edge, n in zip([*layout.margin_edges, float("inf")], st.margin_buckets):
+                cumulative += n
+                buckets.append(("+Inf" if edge == float("inf") else repr(edge), cumulative))
+            margin.add_metric([layer], buckets, st.margin_sum)
+            eps.add_metric([layer], s["eps"])
+            smoothed.add_metric([layer], 1.0 if s["smoothed"] else 0.0)
+        info = GaugeMetricFamily("smoothsmoe_config_info", "Smoothing configuration (value is always 1).",
+                                 labels=["top_k", "max_extra", "budget", "smoothing", "model"])
+        options = self.snapshot["options"]
+        if options is not None:
+            o = SmoothingOptions(**options)
+            info.add_metric([",".join(map(str, sorted(top_ks))), str(o.max_extra), str(o.budget),
+                             "on" if o.enabled else "off", o.model], 1.0)
+        yield from (tokens, active, extras, hits, capped, margin, eps, load, smoothed, info)

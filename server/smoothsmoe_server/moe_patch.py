@@ -1,0 +1,120 @@
+"""Wraps vLLM's FusedMoEFactory so that every MoE layer a model builds gets our router.
+
+Smoothable layers are built at width top_k + max_extra with a SmoothRouter;
+the rest (and every layer when smoothing is off) keep vLLM's own router,
+wrapped by a CountingRouter, and the log says why. No model code is copied:
+the models call the factory, and the factory is what we wrap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+from vllm.model_executor.models.utils import extract_layer_index
+
+from smoothsmoe_kernels import RoutingConfig
+from smoothsmoe_server.eps import EpsPlan
+from smoothsmoe_server.options import SmoothingOptions
+from smoothsmoe_server.router import CountingRouter, SmoothRouter
+
+logger = logging.getLogger("vllm.smoothsmoe")  # under "vllm": vLLM's log handlers and format
+_MARK = "_smoothsmoe_original"
+
+
+def install(options: SmoothingOptions, eps_plan: EpsPlan) -> None:
+    """Replace FusedMoEFactory wherever vLLM refers to it. Safe to call twice."""
+    import vllm.model_executor.layers.fused_moe as fused_moe
+    import vllm.model_executor.layers.fused_moe.layer as fused_moe_layer
+
+    current = fused_moe_layer.FusedMoEFactory
+    if hasattr(current, _MARK):
+        return
+    wrapped = _wrap(current, options, eps_plan)
+    setattr(wrapped, _MARK, current)
+    fused_moe.FusedMoEFactory = wrapped
+    fused_moe_layer.FusedMoEFactory = wrapped
+    # Model modules imported before us hold the original in their namespace.
+    # Read __dict__ rather than getattr: lazy module attributes would import
+    # image code that needs torchvision.
+    for name, module in list(sys.modules.items()):
+        if name.startswith("vllm.model_executor.models.") and vars(module).get("FusedMoEFactory") is current:
+            module.FusedMoEFactory = wrapped
+
+
+def _wrap(original: Callable, options: SmoothingOptions, eps_plan: EpsPlan) -> Callable:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def smoothsmoe_factory(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        prefix, num_experts = a["prefix"], a["num_experts"]
+        layer_index = extract_layer_index(prefix)
+        device = get_current_vllm_config().device_config.device
+        config, reason = routing_config(a, options.max_extra)
+        bias = a["e_score_correction_bias"]
+        if options.enabled and reason is None:
+            router = SmoothRouter(config, num_experts, prefix, layer_index, eps_plan.initial(layer_index), bias, device,
+                                  options)
+            logger.info("smoothsmoe: %s smoothed, top_k %d -> width %d", prefix, config.top_k, config.width)
+            return original(**{**a, "top_k": config.width, "router": router})
+        if options.enabled:
+            logger.warning("smoothsmoe: %s keeps stock top-k routing: %s", prefix, reason)
+        runner = original(**a)
+        if config is not None and isinstance(runner.router, BaseRouter):
+            stock = dataclasses.replace(config, max_extra=0)
+            runner.router = CountingRouter(runner.router, stock, num_experts, prefix, layer_index, bias, device,
+                                           options)
+        else:
+            logger.warning("smoothsmoe: %s is not counted either (%s)", prefix, reason)
+        return runner
+
+    return smoothsmoe_factory
+
+
+def routing_config(a: dict, max_extra: int) -> tuple[RoutingConfig | None, str | None]:
+    """The layer's RoutingConfig, and why it cannot be smoothed (None if it can).
+
+    The config is None where even its family is outside the spec's three.
+    """
+    if a["custom_routing_function"] is not None or a["router"] is not None:
+        return None, "the model supplies its own routing function"
+    if a["scoring_func"] not in ("softmax", "sigmoid"):
+        return None, f"scoring_func {a['scoring_func']!r} is not one of the spec's families"
+    if a["e_score_correction_bias"] is not None and a["scoring_func"] != "sigmoid":
+        return None, "a correction bias with softmax scoring is not one of the spec's families"
+    grouped = a["use_grouped_topk"]
+    scale = 1.0 if a["apply_routed_scale_to_output"] else a["routed_scaling_factor"]  # as vLLM's factory does
+    try:
+        config = RoutingConfig(
+            top_k=a["top_k"],
+            max_extra=max_extra,
+            scoring_func=a["scoring_func"],
+            renormalize=a["renormalize"],
+            num_expert_group=a["num_expert_group"] if grouped else None,
+            topk_group=a["topk_group"] if grouped else None,
+            routed_scaling_factor=scale,
+        )
+        config.check_num_experts(a["num_experts"])
+    except ValueError as e:
+        return None, str(e)
+    parallel = get_current_vllm_config().parallel_config
+    for why, unsupported in (
+        ("expert parallelism (vLLM's EP kernels assume the model's top_k)", parallel.enable_expert_parallel),
+        ("EPLB", a["enable_eplb"] or a["num_redundant_experts"]),
+        ("fused shared experts", a["fuse_shared_experts"] and a["n_shared_experts"]),
+        ("hash routing", a["hash_indices_table"] is not None),
+        ("zero experts", a["zero_expert_type"] is not None),
+        ("vision routing bias", a["bias_vl"] is not None),
+    ):
+        if unsupported:
+            return config, f"{why} is not supported with smoothing"
+    return config, None

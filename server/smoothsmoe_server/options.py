@@ -1,0 +1,37 @@
+"""SmoothingOptions: the process-wide --smooth-* values, and how they reach vLLM's processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+# cli.py writes the options here; register() reads them in every vLLM process
+# (API server, engine core, workers). Unset: the plugin leaves vLLM stock.
+ENV_VAR = "SMOOTHSMOE_OPTIONS"
+
+
+@dataclass(frozen=True, slots=True)
+class SmoothingOptions:
+    """What `smoothsmoe serve` was asked for; one flag per field (--smooth-<field>)."""
+
+    enabled: bool = True  # --smoothing / --no-smoothing: off routes stock top-k (still counted)
+    eps: str = "auto"  # a number (all layers), a JSON file of per-layer values, or "auto"
+    budget: float = 0.5  # target mean extra experts per token, for eps=auto
+    max_extra: int = 2  # cap on extra experts per token; layer width is top_k + max_extra
+    model: str = ""  # the served model name, for the config info metric
+
+    def __post_init__(self):
+        if self.max_extra < 0:
+            raise ValueError(f"--smooth-max-extra must be >= 0, got {self.max_extra}")
+        if not 0.0 <= self.budget <= self.max_extra:
+            raise ValueError(f"--smooth-budget must be in [0, max_extra={self.max_extra}], got {self.budget}")
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV_VAR: json.dumps(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_env(cls, environ: os._Environ | dict[str, str] = os.environ) -> SmoothingOptions | None:
+        raw = environ.get(ENV_VAR)
+        return None if raw is None else cls(**json.loads(raw))

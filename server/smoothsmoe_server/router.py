@@ -1,0 +1,181 @@
+"""The routers this project puts into vLLM's MoE layers, and the op that runs them.
+
+SmoothRouter routes a layer with smooth_topk at width k + max_extra (smoothing
+on); CountingRouter keeps vLLM's own router and only counts (smoothing off).
+Both own their layer's statistics buffer, allocated once on the device and
+updated in place, so counting survives torch.compile and needs no host sync.
+
+vLLM's CPU backend traces the router into its compiled graph. Our routing and
+counting run inside custom ops instead (`smoothsmoe::route`,
+`smoothsmoe::count`): opaque to the compiler, they run eagerly every step, so
+a new eps or the start of a calibration is seen at once, never frozen into a
+graph. The ops find their router through vLLM's forward context, by layer name,
+as vLLM's own MoE op finds its layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+from smoothsmoe_kernels import RoutingConfig, RoutingResult, StatsLayout, accumulate
+from smoothsmoe_kernels.routing import BandGaps, route_with_gaps
+from smoothsmoe_server.options import SmoothingOptions
+
+CALIBRATION_CAPACITY = 16384  # tokens of band gaps a layer keeps while calibrating
+
+
+class LayerCounters:
+    """One layer's statistics buffer and calibration recorder, on the device."""
+
+    def __init__(self, layout: StatsLayout, device: torch.device):
+        self.layout = layout
+        self.stats = layout.new_buffer(device)  # [layout.size] float64, counts
+        M = layout.max_extra
+        # Band gaps of the tokens seen while recording; the last row is a
+        # scratch row that absorbs the writes of rows not kept.
+        self.gaps = torch.zeros(CALIBRATION_CAPACITY + 1, M + 1, dtype=torch.float32, device=device)
+        self.recorded = torch.zeros((), dtype=torch.int64, device=device)
+        self.recording = torch.zeros((), dtype=torch.bool, device=device)
+
+    def add(self, result: RoutingResult, gaps: BandGaps | None) -> None:
+        valid = _real_rows(result.ids.shape[0], result.ids.device)
+        accumulate(self.stats, self.layout, result, valid)
+        if gaps is None:
+            return
+        keep = self.recording.expand(result.ids.shape[0])
+        if valid is not None:
+            keep = keep & valid
+        pos = self.recorded + torch.cumsum(keep, 0) - 1
+        pos = torch.where(keep & (pos < CALIBRATION_CAPACITY), pos, CALIBRATION_CAPACITY)
+        self.gaps.index_copy_(0, pos, torch.cat([gaps.gaps, gaps.cap_gap], dim=-1))
+        self.recorded += keep.sum()
+
+    def start_recording(self) -> None:
+        self.recorded.zero_()
+        self.recording.fill_(True)
+
+    def stop_recording(self) -> BandGaps:
+        """Stop and return what was recorded (a host sync: start-up only)."""
+        self.recording.fill_(False)
+        n = min(int(self.recorded), CALIBRATION_CAPACITY)
+        M = self.layout.max_extra
+        return BandGaps(gaps=self.gaps[:n, :M].clone(), cap_gap=self.gaps[:n, M:].clone())
+
+    def reset(self) -> None:
+        self.stats.zero_()
+
+
+class SmoothRouter(BaseRouter):
+    """Smoothed top-k for one layer: ids and weights at width k + max_extra.
+
+    Slots that smooth_topk leaves inactive (id -1) are handed to vLLM's experts
+    kernels as the token's top-1 expert with weight 0: vLLM's kernels read -1
+    out of bounds. Those slots are computed and contribute exactly 0.
+    """
+
+    def __init__(self, config: RoutingConfig, num_experts: int, layer_name: str, layer_index: int,
+                 eps: float, correction_bias: torch.Tensor | None, device: torch.device, options: SmoothingOptions):
+        super().__init__(top_k=config.width, global_num_experts=num_experts)
+        config.check_num_experts(num_experts)
+        self.config = config
+        self.options = options  # what the server was started with, for the metrics
+        self.layer_name = layer_name
+        self.layer_index = layer_index
+        self.correction_bias = correction_bias  # the model's parameter: loaded in place later
+        self.eps = torch.tensor(eps, dtype=torch.float32, device=device)  # data: set in place, never re-traced
+        self.counters = LayerCounters(StatsLayout(config.top_k, config.max_extra, num_experts), device)
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        # Custom: keeps monolithic kernels (which route by themselves) away.
+        return RoutingMethodType.Custom
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+        return torch.ops.smoothsmoe.route(router_logits, self.layer_name, self.config.width)
+
+    def route_now(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        result, gaps = route_with_gaps(router_logits, self.config, self.eps, self.correction_bias)
+        self.counters.add(result, gaps)
+        ids = torch.where(result.ids >= 0, result.ids, result.ids[:, :1])  # weight stays 0 there
+        return result.weights, ids
+
+
+class CountingRouter(BaseRouter):
+    """vLLM's own router for a layer, untouched, plus the layer's counters.
+
+    Used with smoothing off, and for layers this project cannot smooth: the
+    routing is vLLM's (same ops, same compiled graph), so outputs stay
+    identical to stock vLLM; only counting is added beside it.
+    """
+
+    def __init__(self, inner: BaseRouter, config: RoutingConfig, num_experts: int, layer_name: str,
+                 layer_index: int, correction_bias: torch.Tensor | None, device: torch.device,
+                 options: SmoothingOptions):
+        super().__init__(top_k=inner.top_k, global_num_experts=num_experts, eplb_state=inner.eplb_state)
+        self.inner = inner
+        self.config = config  # max_extra = 0: what the margins and the stats layout need
+        self.options = options
+        self.layer_name = layer_name
+        self.layer_index = layer_index
+        self.correction_bias = correction_bias
+        self.eps = torch.zeros((), dtype=torch.float32, device=device)
+        self.counters = LayerCounters(StatsLayout(config.top_k, 0, num_experts), device)
+
+    @property
+    def routing_method_type(self) -> RoutingMethodType:
+        return self.inner.routing_method_type
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+        weights, ids = self.inner._compute_routing(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        return weights, torch.ops.smoothsmoe.count(router_logits, ids, self.layer_name)
+
+    def count_now(self, router_logits: torch.Tensor, ids: torch.Tensor) -> None:
+        ours, _ = route_with_gaps(router_logits, self.config, 0.0, self.correction_bias)  # for the margins
+        T = ids.shape[0]
+        zeros = torch.zeros(T, dtype=torch.int32, device=ids.device)
+        stock = RoutingResult(ids=ids.to(torch.int32), weights=ours.weights, order=zeros,
+                              capped=zeros.bool(), margin=ours.margin)
+        self.counters.add(stock, None)
+
+
+def _real_rows(T: int, device: torch.device) -> torch.Tensor | None:
+    """[T] bool, False on padding rows (CUDA graph padding), or None if all are real."""
+    if not is_forward_context_available():
+        return None
+    is_padding = get_forward_context().is_padding
+    return None if is_padding is None else ~is_padding[:T].to(device)
+
+
+def _router(layer_name: str):
+    return get_forward_context().no_compile_layers[layer_name].router
+
+
+# The ops update their router's counters in place without declaring it
+# (mutates_args=()), as vLLM's moe_forward op does with its layer: a declared
+# mutation is functionalized by torch.compile, i.e. the op gets a copy and the
+# copy is written back over the buffer, which would erase what the op counted
+# through the router. Each op's output is used, so the compiler keeps the call.
+@torch.library.custom_op("smoothsmoe::route", mutates_args=())
+def _route_op(router_logits: torch.Tensor, layer_name: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _router(layer_name).route_now(router_logits)
+
+
+@_route_op.register_fake
+def _(router_logits, layer_name, width):
+    T = router_logits.shape[0]
+    return router_logits.new_empty(T, width, dtype=torch.float32), router_logits.new_empty(T, width, dtype=torch.int32)
+
+
+@torch.library.custom_op("smoothsmoe::count", mutates_args=())
+def _count_op(router_logits: torch.Tensor, ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """Counts the stock routing `ids`; returns a copy of them, used in their place."""
+    _router(layer_name).count_now(router_logits, ids)
+    return ids.clone()
+
+
+@_count_op.register_fake
+def _(router_logits, ids, layer_name):
+    return torch.empty_like(ids)

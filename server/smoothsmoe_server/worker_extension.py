@@ -1,0 +1,76 @@
+"""SmoothWorkerExtension: methods vLLM mixes into its worker (--worker-extension-cls).
+
+The API server calls them through the engine's collective_rpc: to calibrate
+eps at start-up, to reset the counters after warm-up, and to read the counters
+when Prometheus scrapes /metrics (one device-to-host copy per layer per
+scrape, never per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from smoothsmoe_kernels import calibrate_gaps
+from smoothsmoe_server.router import CountingRouter, SmoothRouter
+
+
+class SmoothWorkerExtension:
+    def _smoothsmoe_routers(self) -> list[SmoothRouter | CountingRouter]:
+        model = self.model_runner.get_model()
+        routers = [getattr(m, "router", None) for m in model.modules()]
+        return [r for r in routers if isinstance(r, SmoothRouter | CountingRouter)]
+
+    def smoothsmoe_start_recording(self) -> int:
+        routers = [r for r in self._smoothsmoe_routers() if isinstance(r, SmoothRouter)]
+        for r in routers:
+            r.counters.start_recording()
+        return len(routers)
+
+    def smoothsmoe_calibrate(self, budget: float) -> dict[int, dict]:
+        """Stop recording; set each smoothed layer's eps to reach `budget`. Returns the per-layer results."""
+        out = {}
+        for r in self._smoothsmoe_routers():
+            if not isinstance(r, SmoothRouter):
+                continue
+            gaps = r.counters.stop_recording()
+            if gaps.gaps.shape[0] == 0:
+                raise RuntimeError(f"calibration saw no tokens in {r.layer_name}")
+            cal = calibrate_gaps(gaps, r.config.max_extra, budget)
+            r.eps.fill_(cal.eps)
+            out[r.layer_index] = {"eps": cal.eps, "mean_extras": cal.mean_extras, "tokens": gaps.gaps.shape[0],
+                                  "reached": cal.reached}
+        return out
+
+    def smoothsmoe_set_eps(self, eps: dict[int, float]) -> None:
+        for r in self._smoothsmoe_routers():
+            if isinstance(r, SmoothRouter) and r.layer_index in eps:
+                r.eps.fill_(eps[r.layer_index])
+
+    def smoothsmoe_reset(self) -> None:
+        """Zero the counters (after warm-up and calibration, which must not be counted)."""
+        for r in self._smoothsmoe_routers():
+            r.counters.reset()
+
+    def smoothsmoe_snapshot(self) -> dict | None:
+        """Every layer's counters and settings, and the server's options; None
+        on ranks other than the first (with tensor parallelism every rank
+        routes the same tokens)."""
+        if getattr(self, "rank", 0) != 0:
+            return None
+        routers = self._smoothsmoe_routers()
+        return {
+            "options": dataclasses.asdict(routers[0].options) if routers else None,
+            "layers": [
+                {
+                    "layer": r.layer_index,
+                    "smoothed": isinstance(r, SmoothRouter),
+                    "top_k": r.config.top_k,
+                    "max_extra": r.config.max_extra,
+                    "num_experts": r.counters.layout.num_experts,
+                    "eps": float(r.eps),
+                    "margin_edges": list(r.counters.layout.margin_edges),
+                    "stats": r.counters.stats.tolist(),
+                }
+                for r in routers
+            ],
+        }
