@@ -15,10 +15,15 @@ import logging
 import signal
 import time
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from prometheus_client import REGISTRY
-from vllm import SamplingParams
-from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
-from vllm.entrypoints.launchers.launcher import setup_server
+from vllm import SamplingParams, envs
+from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+from vllm.entrypoints.launchers.app import build_app
+from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 
 from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.eps import EpsPlan
@@ -39,11 +44,50 @@ async def run_server(args, options: SmoothingOptions) -> None:
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine:
         await prepare_routing(engine, options)
-        shutdown = await build_and_serve(engine, listen_address, sock, args)
+        tasks = await engine.get_supported_tasks()
+        app = build_app(args, tasks, engine.model_config)
+        app.include_router(routes)
+        await init_app_state(engine, app.state, args, tasks)
+        logger.info("smoothsmoe: serving on %s", listen_address)
+        shutdown = await serve_http(app, sock=sock, **uvicorn_options(args))
     try:
         await shutdown  # after the engine context exits, as vLLM's run_server_worker does
     finally:
         sock.close()
+
+
+def uvicorn_options(args) -> dict:
+    """The options vLLM's own build_and_serve passes to serve_http."""
+    options = dict(
+        enable_ssl_refresh=args.enable_ssl_refresh, host=args.host, port=args.port,
+        log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
+        timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
+        ssl_ciphers=args.ssl_ciphers, h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+        h11_max_header_count=args.h11_max_header_count,
+    )
+    log_config = get_uvicorn_log_config(args)
+    if log_config is not None:
+        options["log_config"] = log_config
+    return options
+
+
+routes = APIRouter()
+PROBE_STEPS = [0.1, 0.01]  # sweep steps, as fractions of the layer's eps
+
+
+@routes.get("/smoothsmoe/probe")
+async def probe(request: Request, layer: int = 0, seed: int = 0):
+    """Continuity probe of one live MoE layer (see probe.py): the largest jump of
+    the layer's output between neighbours of a sweep through a routing
+    boundary, smoothed and stock, for steps of eps/10 and eps/100."""
+    try:
+        result = await request.app.state.engine_client.collective_rpc(
+            "smoothsmoe_probe_layer", args=(layer, PROBE_STEPS, seed))
+    except Exception as e:  # an unknown layer, a model whose gate is outside the runner, eps 0
+        return JSONResponse({"error": {"message": str(e), "type": "BadRequestError", "param": "layer", "code": 400}},
+                            status_code=400)
+    return result[0]
 
 
 async def prepare_routing(engine, options: SmoothingOptions, prompts: list[str] = CALIBRATION_PROMPTS) -> dict:

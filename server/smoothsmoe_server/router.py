@@ -97,10 +97,20 @@ class SmoothRouter(BaseRouter):
         return torch.ops.smoothsmoe.route(router_logits, self.layer_name, self.config.width)
 
     def route_now(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route and count one step (inside the smoothsmoe::route op)."""
         result, gaps = route_with_gaps(router_logits, self.config, self.eps, self.correction_bias)
         self.counters.add(result, gaps)
-        ids = torch.where(result.ids >= 0, result.ids, result.ids[:, :1])  # weight stays 0 there
-        return result.weights, ids
+        return for_vllm_experts(result)
+
+    def route_uncounted(self, router_logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route at a given eps without counting (the continuity probe)."""
+        result, _ = route_with_gaps(router_logits, self.config, eps, self.correction_bias)
+        return for_vllm_experts(result)
+
+
+def for_vllm_experts(result: RoutingResult) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) with inactive slots as the token's top-1 expert at weight 0."""
+    return result.weights, torch.where(result.ids >= 0, result.ids, result.ids[:, :1])
 
 
 class CountingRouter(BaseRouter):

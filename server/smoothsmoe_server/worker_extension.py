@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from smoothsmoe_kernels import calibrate_gaps
+from smoothsmoe_server.probe import probe_layer
 from smoothsmoe_server.router import CountingRouter, SmoothRouter
 
 
@@ -74,3 +75,13 @@ class SmoothWorkerExtension:
                 for r in routers
             ],
         }
+
+    def smoothsmoe_probe_layer(self, layer_index: int, rel_steps: list[float], seed: int = 0) -> dict | None:
+        """probe.probe_layer on the smoothed layer `layer_index` (None on ranks other than the first)."""
+        if getattr(self, "rank", 0) != 0:
+            return None
+        model = self.model_runner.get_model()
+        for m in model.modules():
+            if isinstance(getattr(m, "router", None), SmoothRouter) and m.router.layer_index == layer_index:
+                return probe_layer(m, m.router, rel_steps, seed)
+        raise ValueError(f"no smoothed MoE layer {layer_index}")
