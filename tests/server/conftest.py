@@ -7,67 +7,16 @@ calibration), so a configuration's server lives for the whole session.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from loadtests.server_process import ServerProcess
 from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 600
 API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server process on loopback; `url` is its base URL."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path):
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"{name}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(self.port)],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
-        self.started_in = self._wait_healthy()
-
-    def _wait_healthy(self) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < START_TIMEOUT_S:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.name} not healthy after {START_TIMEOUT_S} s:\n{self.tail()}")
-
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-        finally:
-            self.log.close()
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +36,7 @@ def server_env(model_cache) -> dict[str, str]:
 
 
 def _server(request, tmp_path_factory, name, argv, env):
-    server = Server(name, argv, env, tmp_path_factory.mktemp("logs"))
+    server = ServerProcess(name, argv, env, tmp_path_factory.mktemp("logs"), cwd=REPO)
     request.addfinalizer(server.stop)
     return server
 
@@ -96,18 +45,18 @@ SMOOTHSMOE = [sys.executable, "-m", "smoothsmoe_server", "serve"]
 
 
 @pytest.fixture(scope="session")
-def smooth_server(request, tmp_path_factory, server_env) -> Server:
+def smooth_server(request, tmp_path_factory, server_env) -> ServerProcess:
     """The default model, smoothing on at the defaults (eps auto, budget 0.5), with an API key."""
     return _server(request, tmp_path_factory, "smooth", [*SMOOTHSMOE, "--api-key", API_KEY], server_env)
 
 
 @pytest.fixture(scope="session")
-def nosmooth_server(request, tmp_path_factory, server_env) -> Server:
+def nosmooth_server(request, tmp_path_factory, server_env) -> ServerProcess:
     return _server(request, tmp_path_factory, "nosmooth", [*SMOOTHSMOE, "--no-smoothing"], server_env)
 
 
 @pytest.fixture(scope="session")
-def stock_server(request, tmp_path_factory, server_env, model_cache) -> Server:
+def stock_server(request, tmp_path_factory, server_env, model_cache) -> ServerProcess:
     """Stock vLLM, no plugin at all, on the same checkpoint and settings as smoothsmoe's default."""
     env = {**server_env, "VLLM_PLUGINS": ""}
     path = ensure_default_model(model_cache)

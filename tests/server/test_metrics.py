@@ -30,12 +30,12 @@ def per_layer(m: dict, name: str) -> dict[int, float]:
 
 def run_calibration_prompts(url: str) -> None:
     async def run():
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
-        # cache_salt: a prefix cache of its own, so the tokens are computed
-        # again (and counted), not served from the start-up calibration's cache.
-        await asyncio.gather(*(client.completions.create(model=MODEL, prompt=p, max_tokens=1, temperature=0.0,
-                                                         extra_body={"cache_salt": "metrics-test"})
-                               for p in CALIBRATION_PROMPTS))
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=300) as client:
+            # cache_salt: a prefix cache of its own, so the tokens are computed again
+            # (and counted), not served from the start-up calibration's cache.
+            await asyncio.gather(*(client.completions.create(model=MODEL, prompt=p, max_tokens=1, temperature=0.0,
+                                                             extra_body={"cache_salt": "metrics-test"})
+                                   for p in CALIBRATION_PROMPTS))
 
     asyncio.run(run())
 

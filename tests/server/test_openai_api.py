@@ -59,10 +59,10 @@ def test_logprobs(client):
 
 def test_concurrent_requests(smooth_server, client):
     async def run():
-        aclient = openai.AsyncOpenAI(base_url=f"{smooth_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
-        calls = [aclient.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0.0)
-                 for p in PROMPTS * 2]
-        return await asyncio.gather(*calls)
+        async with openai.AsyncOpenAI(base_url=f"{smooth_server.url}/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=300) as aclient:
+            return await asyncio.gather(*(aclient.completions.create(model=MODEL, prompt=p, max_tokens=8,
+                                                                     temperature=0.0) for p in PROMPTS * 2))
 
     results = asyncio.run(run())
     assert len(results) == 8 and all(r.choices[0].text for r in results)

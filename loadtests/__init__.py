@@ -1,0 +1,1 @@
+"""Load and speed tests against OpenAI-compatible servers (python -m loadtests.<name>)."""
