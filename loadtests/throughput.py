@@ -26,9 +26,9 @@ import time
 import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
+from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 
 from loadtests.server_process import ServerProcess
-from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 
 CONFIGS = {"off": ["--no-smoothing"], "on": [], "eps0": ["--smooth-eps", "0"]}
 

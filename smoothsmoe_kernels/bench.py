@@ -61,8 +61,8 @@ def bench_routing(device: torch.device, dtype: torch.dtype, max_extra: int) -> N
         eps = calibrate_eps(torch.randn(16384, E, generator=g), config).eps
         for T in TOKENS:
             scores = torch.randn(T, E, generator=g).to(device=device, dtype=dtype)
-            stock = time_us(lambda: stock_topk_softmax(scores, K), device)
-            ours = time_us(lambda: route(scores, config, eps), device)
+            stock = time_us(lambda s=scores, k=K: stock_topk_softmax(s, k), device)
+            ours = time_us(lambda s=scores, c=config, e=eps: route(s, c, e), device)
             extras = route(scores, config, eps).order.float().mean().item()
             print(f"{E:>4} {K:>2} {T:>6} {stock:10.1f} {ours:10.1f} {ours / stock:6.2f} {extras:7.3f}")
 

@@ -32,7 +32,7 @@ def group_pairs_by_expert(ids: torch.Tensor, num_experts: int) -> ExpertPairs:
     The number of pairs is data-dependent, so this syncs with the host; it is
     the reference and CPU path, where that is fine.
     """
-    T, W = ids.shape
+    W = ids.shape[1]
     flat = ids.reshape(-1).long()
     flat_slot = torch.nonzero(flat >= 0).squeeze(-1)  # [P]
     experts = flat[flat_slot]

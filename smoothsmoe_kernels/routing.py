@@ -207,7 +207,7 @@ def _select(scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [T, E], got shape {tuple(scores.shape)}")
-    T, E = scores.shape
+    E = scores.shape[1]
     config.check_num_experts(E)
     logits = scores.float()
     if config.scoring_func == "sigmoid":
@@ -244,7 +244,7 @@ def _topk_lower_index(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     Only rows with a tie are re-ranked with a stable sort, which keeps equal
     values in index order. NaN must already be gone (it would rank first).
     """
-    T, E = z.shape
+    E = z.shape[1]
     vals, idx = z.topk(min(n + 1, E), dim=-1, sorted=True)
     tie = (vals[:, 1:] == vals[:, :-1]).any(-1)  # -0.0 == +0.0 counts as a tie too
     rows = tie.nonzero().squeeze(-1)

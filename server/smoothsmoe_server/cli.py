@@ -121,7 +121,10 @@ def calibrate(argv: list[str]) -> int:
 
     engine_args = EngineArgs.from_cli_args(args)
     engine_args.worker_extension_cls = WORKER_EXTENSION
-    llm = LLM(**dataclasses.asdict(engine_args))
+    # LLM() takes EngineArgs fields as keywords: pass the ones the flags changed.
+    defaults = EngineArgs(model=engine_args.model)
+    llm = LLM(**{f.name: getattr(engine_args, f.name) for f in dataclasses.fields(EngineArgs)
+                 if getattr(engine_args, f.name) != getattr(defaults, f.name) or f.name == "model"})
     llm.collective_rpc("smoothsmoe_start_recording")
     llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=True)  # the progress bar
     layers = llm.collective_rpc("smoothsmoe_calibrate", args=(options.budget,))[0]

@@ -30,8 +30,8 @@ _MARK = "_smoothsmoe_original"
 
 def install(options: SmoothingOptions, eps_plan: EpsPlan) -> None:
     """Replace FusedMoEFactory wherever vLLM refers to it. Safe to call twice."""
-    import vllm.model_executor.layers.fused_moe as fused_moe
     import vllm.model_executor.layers.fused_moe.layer as fused_moe_layer
+    from vllm.model_executor.layers import fused_moe
 
     current = fused_moe_layer.FusedMoEFactory
     if hasattr(current, _MARK):

@@ -28,7 +28,7 @@ def probe_layer(runner, router: SmoothRouter, rel_steps: list[float], seed: int 
         raise ValueError(f"layer {router.layer_index}: the model computes its router logits outside the MoE runner")
     gate = gate_weight(runner)  # [E, H] float32: router scores are computed in float32 here
     dtype = runner.moe_config.in_dtype  # the experts run in the engine's dtype, as in serving
-    E, H = gate.shape
+    H = gate.shape[1]
     K = router.config.top_k
     eps = float(router.eps)
     if eps <= 0:
@@ -45,7 +45,7 @@ def probe_layer(runner, router: SmoothRouter, rel_steps: list[float], seed: int 
     out = {"layer": router.layer_index, "eps": eps, "rel_steps": rel_steps, "smoothed": [], "stock": []}
     for rel in rel_steps:
         h = eps * rel
-        n = int(round(4 * eps / h))
+        n = round(4 * eps / h)
         t = (-2 * eps + h * torch.arange(n + 1, dtype=torch.float64)).float()
         x = (x_star + t[:, None] * d).to(gate.device)
         logits = x @ gate.T

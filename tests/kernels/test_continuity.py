@@ -46,7 +46,7 @@ def max_jump(seed, ranks, h, k, m, eps):
     """Largest neighbour jump of the layer's output on a sweep through the tie of `ranks`."""
     router, w13, w2, x0, d = layer(seed)
     x_star = on_boundary(router, x0, *ranks)
-    n = int(round(2 * WINDOW / h))
+    n = round(2 * WINDOW / h)
     t = -WINDOW + h * torch.arange(n + 1, dtype=torch.float64)
     x = (x_star.double() + t[:, None] * d.double()).float()
     r = smooth_topk(x @ router, k, eps, m)

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
 from loadtests.server_process import ServerProcess
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from smoothsmoe_server.default_model import NUM_LAYERS
 
 

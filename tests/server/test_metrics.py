@@ -8,10 +8,10 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
 from smoothsmoe_server.default_model import NUM_EXPERTS, NUM_LAYERS, TOP_K
+
 from tests.server.conftest import API_KEY
 
 BUDGET, MAX_EXTRA = 0.5, 2  # the server's defaults
@@ -87,7 +87,7 @@ def test_label_sets_are_bounded_and_vllm_metrics_are_beside_ours(calibration_del
     _, after, _ = calibration_delta
     allowed = {"layer": {str(i) for i in range(NUM_LAYERS)}, "order": {str(o) for o in range(1, MAX_EXTRA + 1)},
                "expert": {str(e) for e in range(NUM_EXPERTS)}, "kind": {"topk", "extra"}}
-    for (name, labels), _ in after.items():
+    for name, labels in after:
         if name.startswith("smoothsmoe_") and name != "smoothsmoe_config_info":
             for key, value in labels:
                 if key != "le":

@@ -8,8 +8,8 @@ import json
 import httpx
 import openai
 import pytest
-
 from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
+
 from tests.server.conftest import API_KEY
 
 PROMPTS = ["The morning was cold and", "Computer programs are", "In the old harbour town", "My favourite recipe"]

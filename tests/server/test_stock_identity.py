@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import openai
-
 from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
+
 from tests.server.test_metrics import scrape
 
 PROMPTS = ["The morning was cold and", "Computer programs are", "1, 2, 3, 4,", "def main():\n   "]
