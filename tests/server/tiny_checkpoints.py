@@ -62,16 +62,16 @@ V_HEAD_DIM = 64
 # Per architecture: top_k, num_experts, num_moe_layers (and the routing flavour).
 SHAPES: dict[str, dict[str, int]] = {
     # softmax top-4 without renormalisation, plus a sigmoid-gated shared expert
-    "qwen2_moe": dict(top_k=4, num_experts=16, num_moe_layers=NUM_LAYERS),
+    "qwen2_moe": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS},
     # softmax top-2, renormalised
-    "mixtral": dict(top_k=2, num_experts=8, num_moe_layers=NUM_LAYERS),
+    "mixtral": {"top_k": 2, "num_experts": 8, "num_moe_layers": NUM_LAYERS},
     # softmax top-4 without renormalisation
-    "olmoe": dict(top_k=4, num_experts=16, num_moe_layers=NUM_LAYERS),
+    "olmoe": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS},
     # softmax, group-limited greedy: 4 groups of 4, best 2 groups, top-4; 2 shared experts
-    "deepseek_v2": dict(top_k=4, num_experts=16, num_moe_layers=NUM_LAYERS, n_group=4, topk_group=2),
+    "deepseek_v2": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS, "n_group": 4, "topk_group": 2},
     # sigmoid + e_score_correction_bias (noaux_tc), 4 groups, best 2, top-4,
     # renormalised then scaled by routed_scaling_factor; 1 shared expert
-    "deepseek_v3": dict(top_k=4, num_experts=16, num_moe_layers=NUM_LAYERS, n_group=4, topk_group=2),
+    "deepseek_v3": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS, "n_group": 4, "topk_group": 2},
 }
 
 ARCHITECTURES = {
@@ -89,21 +89,21 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 def _common(arch: str) -> dict:
-    return dict(
-        architectures=[ARCHITECTURES[arch]],
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=INTERMEDIATE_SIZE,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_ATTENTION_HEADS,
-        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=PAD_TOKEN_ID,
-        dtype="bfloat16",
-    )
+    return {
+        "architectures": [ARCHITECTURES[arch]],
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": HIDDEN_SIZE,
+        "intermediate_size": INTERMEDIATE_SIZE,
+        "num_hidden_layers": NUM_LAYERS,
+        "num_attention_heads": NUM_ATTENTION_HEADS,
+        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": EOS_TOKEN_ID,
+        "pad_token_id": PAD_TOKEN_ID,
+        "dtype": "bfloat16",
+    }
 
 
 def _config(arch: str):
@@ -148,21 +148,21 @@ def _config(arch: str):
     if arch in ("deepseek_v2", "deepseek_v3"):
         from transformers import DeepseekV2Config, DeepseekV3Config
 
-        mla = dict(
-            num_key_value_heads=NUM_ATTENTION_HEADS,
-            kv_lora_rank=KV_LORA_RANK,
-            qk_rope_head_dim=QK_ROPE_HEAD_DIM,
-            qk_nope_head_dim=QK_NOPE_HEAD_DIM,
-            v_head_dim=V_HEAD_DIM,
-            moe_intermediate_size=MOE_INTERMEDIATE_SIZE,
-            n_routed_experts=s["num_experts"],
-            num_experts_per_tok=s["top_k"],
-            n_group=s["n_group"],
-            topk_group=s["topk_group"],
-            first_k_dense_replace=0,
-            moe_layer_freq=1,  # not a transformers field; vLLM reads it (published configs carry it)
-            rms_norm_eps=1e-6,
-        )
+        mla = {
+            "num_key_value_heads": NUM_ATTENTION_HEADS,
+            "kv_lora_rank": KV_LORA_RANK,
+            "qk_rope_head_dim": QK_ROPE_HEAD_DIM,
+            "qk_nope_head_dim": QK_NOPE_HEAD_DIM,
+            "v_head_dim": V_HEAD_DIM,
+            "moe_intermediate_size": MOE_INTERMEDIATE_SIZE,
+            "n_routed_experts": s["num_experts"],
+            "num_experts_per_tok": s["top_k"],
+            "n_group": s["n_group"],
+            "topk_group": s["topk_group"],
+            "first_k_dense_replace": 0,
+            "moe_layer_freq": 1,  # not a transformers field; vLLM reads it (published configs carry it)
+            "rms_norm_eps": 1e-6,
+        }
         if arch == "deepseek_v2":
             # DeepSeek-V2 style: no q LoRA (as V2-Lite), softmax scores, group-limited greedy.
             return DeepseekV2Config(
@@ -221,9 +221,7 @@ def build_tiny(arch: str, out_dir: pathlib.Path, cache_dir: str | os.PathLike | 
             raise RuntimeError(f"{arch}: found {n_router} routers, expected {s['num_moe_layers']}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # writes config.json and per-expert model.safetensors
-    GenerationConfig(
-        eos_token_id=[EOS_TOKEN_ID, PAD_TOKEN_ID], pad_token_id=PAD_TOKEN_ID
-    ).save_pretrained(out)
+    GenerationConfig(eos_token_id=[EOS_TOKEN_ID, PAD_TOKEN_ID], pad_token_id=PAD_TOKEN_ID).save_pretrained(out)
 
     tok_src = ensure_default_model(cache_dir, progress=None)
     for fname in _TOKENIZER_FILES:
