@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from smoothsmoe_kernels.pairs import group_pairs_by_expert
+from smoothsmoe_kernels.routing import resolve_backend
 
 
 def moe_experts(
@@ -27,8 +28,6 @@ def moe_experts(
     nothing: they are never multiplied, not even by a zero weight. Each
     expert's matmuls run in x's dtype; the weighted sum accumulates in float32.
     """
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
     T, H = x.shape
     E, two_I, H_w = w13.shape
     if H_w != H or w2.shape != (E, H, two_I // 2) or ids.shape != weights.shape or ids.shape[0] != T:
@@ -36,6 +35,10 @@ def moe_experts(
             f"shapes do not agree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, "
             f"ids {tuple(ids.shape)}, weights {tuple(weights.shape)}"
         )
+    if resolve_backend(backend, x.device) == "triton":
+        from smoothsmoe_kernels.experts_triton import moe_experts_triton  # imports triton only when asked
+
+        return moe_experts_triton(x, w13, w2, ids, weights)
     pairs = group_pairs_by_expert(ids, E)
     pair_weight = weights.reshape(-1)[pairs.flat_slot].float()  # [P]
     y = torch.zeros(T, H, dtype=torch.float32, device=x.device)

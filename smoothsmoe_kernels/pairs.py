@@ -44,3 +44,55 @@ def group_pairs_by_expert(ids: torch.Tensor, num_experts: int) -> ExpertPairs:
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     offsets[1:] = counts.cumsum(0)
     return ExpertPairs(flat_slot=flat_slot, token=flat_slot // W, offsets=offsets)
+
+
+@dataclass(frozen=True, slots=True)
+class TileSchedule:
+    """GEMM row tiles over the active pairs, grouped by expert; fixed shapes, no host sync.
+
+    Pairs are the flat slots of ids [T, W] sorted by expert, inactive slots
+    (-1) last, where no tile reaches them. Tile i covers rows
+    row[i] : row[i] + rows[i] of the sorted pairs, all of expert expert[i];
+    tiles past num_tiles (a device scalar) are empty and return at once.
+
+    Example, BLOCK_M = 2: ids = [[3, 0], [0, -1]] sorts to slots [1, 2, 0, 3]
+    (experts 0, 0, 3, inactive); expert 0 has one full tile, expert 3 one tile
+    of one row: expert = [0, 3, ...], row = [0, 2, ...], rows = [2, 1, 0...],
+    num_tiles = 2; the inactive slot 3 is in no tile.
+    """
+
+    flat_slot: torch.Tensor  # [T*W] int64, sorted by expert, inactive last
+    token: torch.Tensor  # [T*W] int64, flat_slot // W
+    expert: torch.Tensor  # [max_tiles] int32, E past num_tiles
+    row: torch.Tensor  # [max_tiles] int32, first sorted pair of the tile
+    rows: torch.Tensor  # [max_tiles] int32, pairs in the tile (0 past num_tiles)
+    num_tiles: torch.Tensor  # [] int32, tiles with work
+
+
+def tile_schedule(ids: torch.Tensor, num_experts: int, block_m: int) -> TileSchedule:
+    T, W = ids.shape
+    E = num_experts
+    flat = ids.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, E)  # inactive slots sort after every expert
+    flat_slot = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=E + 1)[:E]  # [E] active pairs per expert
+    tiles = (counts + block_m - 1) // block_m
+    tiles_end = torch.cumsum(tiles, 0)
+    pairs_start = torch.cumsum(counts, 0) - counts
+    # Sum over experts of ceil(count / BLOCK_M) <= T*W / BLOCK_M + E: a fixed grid.
+    max_tiles = (T * W + block_m - 1) // block_m + E
+    tile = torch.arange(max_tiles, device=ids.device)
+    expert = torch.searchsorted(tiles_end, tile, right=True)  # E past the last tile
+    e = expert.clamp(max=E - 1)
+    nth = tile - (tiles_end[e] - tiles[e])  # tile's index within its expert
+    live = expert < E
+    row = torch.where(live, pairs_start[e] + nth * block_m, 0)
+    rows = torch.where(live, torch.clamp(counts[e] - nth * block_m, max=block_m), 0)
+    return TileSchedule(
+        flat_slot=flat_slot,
+        token=flat_slot // W,
+        expert=expert.to(torch.int32),
+        row=row.to(torch.int32),
+        rows=rows.to(torch.int32),
+        num_tiles=tiles_end[-1].to(torch.int32) if E else torch.zeros((), dtype=torch.int32, device=ids.device),
+    )

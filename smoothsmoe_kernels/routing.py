@@ -104,10 +104,21 @@ def smooth_topk(
         topk_group=topk_group,
         routed_scaling_factor=routed_scaling_factor,
     )
-    if backend not in ("auto", "torch"):
-        # The Triton kernel is not part of the package yet; say so instead of guessing.
-        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
+    if resolve_backend(backend, scores.device) == "triton":
+        from smoothsmoe_kernels.routing_triton import smooth_topk_triton  # imports triton only when asked
+
+        eps_t = _eps_tensor(eps, scores.device)
+        return smooth_topk_triton(scores, config, eps_t, correction_bias)[0]
     return route(scores, config, eps, correction_bias)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'torch' or 'triton': 'auto' takes the Triton kernels on CUDA, torch elsewhere."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
 
 
 def route(

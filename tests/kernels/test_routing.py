@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from smoothsmoe_kernels import RoutingConfig, route, smooth_topk
 from smoothsmoe_kernels.routing import FMAX
+from tests.kernels.cases import call, routing_case
 from tests.kernels.oracle import route_token, smooth_step
 
 INF = float("inf")
@@ -126,45 +127,6 @@ def test_bad_configs_are_refused():
 
 
 # ---------------------------------------------------------------- properties
-# Values from a small pool make exact ties and near-ties common; the pool has
-# NaN, +-inf, huge values, -0.0, and neighbours one ulp apart.
-POOL = [0.0, -0.0, 1.0, 1.0 + 2**-23, 1.0 - 2**-24, 0.5, 0.75, -1.0, 2.0, 3.5, -2.5, 1e30, -1e30, 3e38, INF, -INF, NAN]
-score_value = st.one_of(st.sampled_from(POOL), st.floats(-6, 6, width=32))
-
-
-@st.composite
-def routing_case(draw):
-    E = draw(st.sampled_from([1, 2, 3, 5, 6, 8, 12, 60]))
-    T = draw(st.sampled_from([0, 1, 2, 7]))
-    family = draw(st.sampled_from(["softmax_norm", "softmax", "sigmoid"]))
-    groups = None
-    if E >= 4 and draw(st.booleans()):
-        G = draw(st.sampled_from([g for g in (2, 3, 4, 5, 6) if E % g == 0]))
-        groups = (G, draw(st.integers(1, G)))
-    reach = E if groups is None else groups[1] * (E // groups[0])
-    k = draw(st.integers(1, min(reach, 4)))
-    m = draw(st.integers(0, 3))
-    eps = draw(st.sampled_from([0.0, 1e-6, 0.05, 0.5, 2.0, 1e3]))
-    rows = draw(st.lists(st.lists(score_value, min_size=E, max_size=E), min_size=T, max_size=T))
-    scores = torch.tensor(rows, dtype=torch.float32).reshape(T, E)
-    bias = None
-    if family == "sigmoid" and draw(st.booleans()):
-        bias = torch.tensor(draw(st.lists(st.sampled_from([0.0, 0.1, -0.25, 0.5]), min_size=E, max_size=E)))
-    return scores, k, m, eps, family, bias, groups
-
-
-def call(scores, k, m, eps, family, bias, groups, scale=1.0):
-    return smooth_topk(
-        scores, k, eps, m,
-        scoring_func="sigmoid" if family == "sigmoid" else "softmax",
-        renormalize=family != "softmax",
-        correction_bias=bias,
-        num_expert_group=groups[0] if groups else None,
-        topk_group=groups[1] if groups else None,
-        routed_scaling_factor=scale,
-    )
-
-
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(routing_case())
 def test_properties_and_oracle(case):

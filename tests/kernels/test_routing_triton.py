@@ -1,0 +1,111 @@
+"""The Triton routing kernel against the torch reference (interpreter on the CPU, real on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from smoothsmoe_kernels import RoutingConfig, StatsLayout, accumulate
+from smoothsmoe_kernels.routing import route_with_gaps
+from smoothsmoe_kernels.routing_triton import smooth_topk_triton
+from tests.kernels.cases import adversarial_scores, call, routing_case
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(0, 8), (1, 8), (33, 60), (130, 128), (40, 256)]  # (T, E): empty, single, odd, E not a power of 2, 256
+FAMILIES = {
+    "softmax_norm": (dict(top_k=2, max_extra=2), None),
+    "softmax_grouped": (dict(top_k=4, max_extra=3, renormalize=False, num_expert_group=4, topk_group=2), None),
+    "sigmoid_bias": (dict(top_k=8, max_extra=4, scoring_func="sigmoid", num_expert_group=4, topk_group=2,
+                          routed_scaling_factor=2.5), 0.1),
+    "k1_m0": (dict(top_k=1, max_extra=0), None),
+}
+# Both compute in float32 and decide the band on the same float32 gaps, so
+# ids, order, capped, margins and gaps are equal exactly. Weights: the kernel
+# takes exp/log in float32 where the reference uses float64 (for batch
+# invariance on the CPU); each of the few float32 operations on a weight in
+# [0, 1] is off by at most an ulp (6e-8), and the smooth step amplifies its
+# input's error by at most ~10 near the band's edge: 1e-6 covers it.
+WEIGHT_ATOL = 1e-6
+
+
+def assert_matches(out, out_gaps, ref, ref_gaps, scale=1.0):
+    assert torch.equal(out.ids, ref.ids)
+    assert torch.equal(out.order, ref.order) and torch.equal(out.capped, ref.capped)
+    assert torch.equal(out.margin, ref.margin)
+    assert torch.equal(out_gaps.gaps, ref_gaps.gaps) and torch.equal(out_gaps.cap_gap, ref_gaps.cap_gap)
+    torch.testing.assert_close(out.weights, ref.weights, atol=WEIGHT_ATOL * scale, rtol=0)
+    assert torch.isfinite(out.weights).all()
+
+
+def fits(family, E):
+    try:
+        RoutingConfig(**FAMILIES[family][0]).check_num_experts(E)
+        return True
+    except ValueError:
+        return False
+
+
+CASES = [(T, E, f) for T, E in SHAPES for f in FAMILIES if fits(f, E)]
+
+
+@pytest.mark.parametrize("T,E,family", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference_and_counts_the_same(T, E, family, dtype):
+    kw, bias_scale = FAMILIES[family]
+    config = RoutingConfig(**kw)
+    scores = adversarial_scores(T, E, seed=T * 131 + E).to(dtype).to(DEV)
+    bias = (torch.randn(E, generator=torch.Generator().manual_seed(E)) * bias_scale).to(DEV) if bias_scale else None
+    eps = torch.tensor(0.3, device=DEV)
+    layout = StatsLayout(config.top_k, config.max_extra, E)
+    stats, ref_stats = layout.new_buffer(DEV), layout.new_buffer(DEV)
+    valid = torch.arange(T, device=DEV) % 4 != 3  # every 4th row is padding: not counted
+    out, out_gaps = smooth_topk_triton(scores, config, eps, bias, stats=stats, valid=valid)
+    ref, ref_gaps = route_with_gaps(scores, config, eps, bias)
+    assert_matches(out, out_gaps, ref, ref_gaps, config.routed_scaling_factor)
+    accumulate(ref_stats, layout, ref, valid)
+    # Counts are sums of integers in float64: exact; the margin sum adds
+    # float32 values in another order: 1e-9 relative.
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(routing_case())
+def test_kernel_matches_reference_on_random_cases(case):
+    scores, k, m, eps, family, bias, groups = case
+    ref = call(*case)
+    out = call(*case, backend="triton")
+    assert torch.equal(out.ids, ref.ids) and torch.equal(out.order, ref.order)
+    assert torch.equal(out.capped, ref.capped) and torch.equal(out.margin, ref.margin)
+    torch.testing.assert_close(out.weights, ref.weights, atol=WEIGHT_ATOL, rtol=0)
+
+
+def test_eps_is_data_and_zero_eps_is_stock():
+    scores = adversarial_scores(50, 16, seed=3).to(DEV)
+    config = RoutingConfig(top_k=2, max_extra=2)
+    for eps in (0.0, 0.2, 5.0):
+        out, g = smooth_topk_triton(scores, config, torch.tensor(eps, device=DEV))
+        ref, rg = route_with_gaps(scores, config, eps)
+        assert_matches(out, g, ref, rg)
+    zero, _ = smooth_topk_triton(scores, config, torch.tensor(0.0, device=DEV))
+    assert (zero.ids[:, 2:] == -1).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_counts_every_replay():
+    config = RoutingConfig(top_k=8, max_extra=2)
+    scores = torch.randn(64, 128, device="cuda")
+    eps = torch.tensor(0.2, device="cuda")
+    layout = StatsLayout(8, 2, 128)
+    stats = layout.new_buffer("cuda")
+    smooth_topk_triton(scores, config, eps, stats=stats)  # compile outside the capture
+    stats.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = smooth_topk_triton(scores, config, eps, stats=stats)
+    stats.zero_()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    ref = route_with_gaps(scores, config, eps)[0]
+    assert torch.equal(out.ids, ref.ids) and stats[0].item() == 3 * 64
