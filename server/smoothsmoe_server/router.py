@@ -40,12 +40,12 @@ class LayerCounters:
         self.recorded = torch.zeros((), dtype=torch.int64, device=device)
         self.recording = torch.zeros((), dtype=torch.bool, device=device)
 
-    def add(self, result: RoutingResult, gaps: BandGaps | None) -> None:
-        valid = _real_rows(result.ids.shape[0], result.ids.device)
+    def count(self, result: RoutingResult, valid: torch.Tensor | None) -> None:
         accumulate(self.stats, self.layout, result, valid)
-        if gaps is None:
-            return
-        keep = self.recording.expand(result.ids.shape[0])
+
+    def record(self, gaps: BandGaps, valid: torch.Tensor | None) -> None:
+        """Keep the band gaps of the real rows while recording (device ops only)."""
+        keep = self.recording.expand(gaps.gaps.shape[0])
         if valid is not None:
             keep = keep & valid
         pos = self.recorded + torch.cumsum(keep, 0) - 1
@@ -97,9 +97,21 @@ class SmoothRouter(BaseRouter):
         return torch.ops.smoothsmoe.route(router_logits, self.layer_name, self.config.width)
 
     def route_now(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route and count one step (inside the smoothsmoe::route op)."""
-        result, gaps = route_with_gaps(router_logits, self.config, self.eps, self.correction_bias)
-        self.counters.add(result, gaps)
+        """Route and count one step (inside the smoothsmoe::route op).
+
+        On CUDA one Triton launch routes and counts; elsewhere the torch
+        reference routes and the counts are added after it.
+        """
+        valid = _real_rows(router_logits.shape[0], router_logits.device)
+        if router_logits.is_cuda:
+            from smoothsmoe_kernels.routing_triton import smooth_topk_triton
+
+            result, gaps = smooth_topk_triton(router_logits, self.config, self.eps, self.correction_bias,
+                                              stats=self.counters.stats, valid=valid)
+        else:
+            result, gaps = route_with_gaps(router_logits, self.config, self.eps, self.correction_bias)
+            self.counters.count(result, valid)
+        self.counters.record(gaps, valid)
         return for_vllm_experts(result)
 
     def route_uncounted(self, router_logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +160,7 @@ class CountingRouter(BaseRouter):
         zeros = torch.zeros(T, dtype=torch.int32, device=ids.device)
         stock = RoutingResult(ids=ids.to(torch.int32), weights=ours.weights, order=zeros,
                               capped=zeros.bool(), margin=ours.margin)
-        self.counters.add(stock, None)
+        self.counters.count(stock, _real_rows(T, ids.device))
 
 
 def _real_rows(T: int, device: torch.device) -> torch.Tensor | None:
