@@ -17,4 +17,12 @@ if [ "$target" = cpu ]; then
   # ("operator torchvision::nms does not exist"). vLLM's text models need none of them.
   .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 fi
+# Prometheus (and promtool) for the observability tests, from Debian's packages.
+if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+  else
+    echo "note: the observability tests need Prometheus: sudo apt-get install prometheus" >&2
+  fi
+fi
 .venv/bin/python -c "import smoothsmoe_kernels, smoothsmoe_server, torch, vllm; print('installed: torch', torch.__version__, '| vllm', vllm.__version__)"

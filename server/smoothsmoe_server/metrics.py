@@ -72,9 +72,12 @@ class RoutingMetrics(Collector):
             smoothed.add_metric([layer], 1.0 if s["smoothed"] else 0.0)
         info = GaugeMetricFamily("smoothsmoe_config_info", "Smoothing configuration (value is always 1).",
                                  labels=["top_k", "max_extra", "budget", "smoothing", "model"])
+        budget = GaugeMetricFamily("smoothsmoe_extra_budget",
+                                   "Target mean extra experts per token (0 with smoothing off); alerts compare to it.")
         options = self.snapshot["options"]
         if options is not None:
             o = SmoothingOptions(**options)
             info.add_metric([",".join(map(str, sorted(top_ks))), str(o.max_extra), str(o.budget),
                              "on" if o.enabled else "off", o.model], 1.0)
-        yield from (tokens, active, extras, hits, capped, margin, eps, load, smoothed, info)
+            budget.add_metric([], o.budget if o.enabled else 0.0)
+        yield from (tokens, active, extras, hits, capped, margin, eps, load, smoothed, info, budget)

@@ -1,0 +1,193 @@
+"""A real Prometheus scrapes the live server while requests flow; every recording
+rule and every dashboard panel query must return data through its HTTP API.
+Also renders the dashboard preview (deploy/grafana/preview.png) from the same queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from loadtests.server_process import free_port
+from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
+from tests.server.conftest import API_KEY, REPO
+
+RULES = REPO / "deploy" / "prometheus" / "rules" / "smoothsmoe.rules.yml"
+DASHBOARD_PY = REPO / "deploy" / "grafana" / "dashboard.py"
+TRAFFIC_S = 25
+
+
+def dashboard():
+    import importlib.util
+
+    import sys
+
+    if "smoothsmoe_dashboard" not in sys.modules:  # deploy/ is not a package: load the file by path
+        spec = importlib.util.spec_from_file_location("smoothsmoe_dashboard", DASHBOARD_PY)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["smoothsmoe_dashboard"]
+
+
+def substitute(expr: str) -> str:
+    """The dashboard's variables as Grafana fills them with 'All' selected."""
+    return expr.replace("$model", MODEL).replace("$layer", ".*")
+
+
+async def traffic(url: str, seconds: float) -> int:
+    """Completions and chats, streamed and not, 4 at a time, for `seconds`."""
+    done = 0
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120) as client:
+        async def worker(i: int):
+            nonlocal done
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                if i % 2:
+                    stream = await client.chat.completions.create(
+                        model=MODEL, messages=[{"role": "user", "content": f"Tell me about {done}"}], max_tokens=16,
+                        stream=True)
+                    async for _ in stream:
+                        pass
+                else:
+                    await client.completions.create(model=MODEL, prompt=f"Count to {done}:", max_tokens=16)
+                done += 1
+
+        await asyncio.gather(*(worker(i) for i in range(4)))
+    return done
+
+
+@pytest.fixture(scope="module")
+def prometheus(smooth_server, tmp_path_factory):
+    binary = shutil.which("prometheus")
+    assert binary, "Prometheus is not installed (deploy/install.sh installs Debian's prometheus package)"
+    d = tmp_path_factory.mktemp("prometheus")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{"job_name": "smoothsmoe", "metrics_path": "/metrics",
+                            "static_configs": [{"targets": [f"127.0.0.1:{smooth_server.port}"]}]}],
+    }
+    (d / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    log = open(d / "prometheus.log", "w")
+    proc = subprocess.Popen([binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(60):
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        start = time.time()
+        requests = asyncio.run(traffic(smooth_server.url, TRAFFIC_S))
+        assert requests > 8
+        time.sleep(3)  # a few more scrapes and rule evaluations after the last request
+        yield url, start, time.time()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def query(url: str, expr: str) -> list:
+    r = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=30).json()
+    assert r["status"] == "success", (expr, r)
+    return r["data"]["result"]
+
+
+def test_target_is_scraped(prometheus):
+    url, _, _ = prometheus
+    up = query(url, 'up{job="smoothsmoe"}')
+    assert up and up[0]["value"][1] == "1"
+
+
+def test_every_recording_rule_returns_data(prometheus):
+    url, _, _ = prometheus
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    records = [r["record"] for g in groups for r in g["rules"] if "record" in r]
+    assert len(records) >= 15
+    empty = [name for name in records if not query(url, name)]
+    assert not empty, f"recording rules without data: {empty}"
+
+
+def test_every_dashboard_panel_query_returns_data(prometheus):
+    url, _, _ = prometheus
+    empty = [(p.title, expr) for p in dashboard().PANELS for expr, _ in p.targets if not query(url, substitute(expr))]
+    assert not empty, f"panel queries without data: {empty}"
+
+
+def test_alerting_rules_are_loaded_and_healthy(prometheus):
+    url, _, _ = prometheus
+    rules = httpx.get(f"{url}/api/v1/rules", timeout=30).json()["data"]["groups"]
+    alerts = {r["name"]: r for g in rules for r in g["rules"] if r["type"] == "alerting"}
+    assert set(alerts) == {"SmoothSMoEOverheadAboveBudget", "SmoothSMoEBoundaryHitRateJump", "SmoothSMoEServerDown",
+                           "SmoothSMoETTFTSLOBurn"}
+    assert all(a["health"] == "ok" for a in alerts.values())
+    assert all(a["state"] == "inactive" for a in alerts.values())  # a healthy server at its budget
+
+
+def test_render_dashboard_preview(prometheus, tmp_path):
+    """Draws every panel from its Prometheus queries, laid out as in Grafana."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    url, start, end = prometheus
+    module = dashboard()
+    rows = max(p.y + p.h for p in module.PANELS)
+    fig = plt.figure(figsize=(24, rows * 0.42))
+    for title, y in module.ROWS:
+        fig.text(0.005, 1 - (y + 0.6) / rows, title, fontsize=13, weight="bold")
+    drawn = 0
+    for p in module.PANELS:
+        ax = fig.add_axes([p.x / 24 + 0.022, 1 - (p.y + p.h) / rows + 0.012, p.w / 24 - 0.03, p.h / rows - 0.045])
+        ax.set_title(p.title, fontsize=10, loc="left")
+        ax.tick_params(labelsize=7)
+        for expr, legend in p.targets:
+            r = httpx.get(f"{url}/api/v1/query_range", params={"query": substitute(expr), "start": start,
+                                                                "end": end, "step": 1}, timeout=30).json()
+            result = r["data"]["result"]
+            if p.kind == "heatmap":  # one row per expert, colour = tokens/s
+                result.sort(key=lambda s: int(s["metric"].get("expert", 0)))
+                width = max(len(s["values"]) for s in result)
+                grid = [[float(v[1]) for v in s["values"]] + [0.0] * (width - len(s["values"])) for s in result]
+                ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+                ax.set_ylabel("expert", fontsize=7)
+                drawn += 1
+                continue
+            for series in result[:16]:
+                t = [float(v[0]) - start for v in series["values"]]
+                v = [float(v[1]) for v in series["values"]]
+                label = legend
+                for key, value in series["metric"].items():
+                    label = label.replace("{{" + key + "}}", value)
+                if p.kind == "stat":
+                    ax.text(0.5, 0.45, f"{v[-1] * (100 if p.unit == 'percentunit' else 1):.2f}"
+                            f"{' %' if p.unit == 'percentunit' else ''}", ha="center", va="center", fontsize=26,
+                            transform=ax.transAxes)
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                else:
+                    ax.plot(t, v, label=label, linewidth=1)
+                drawn += 1
+        if p.kind != "stat" and ax.lines:
+            ax.legend(fontsize=6, loc="upper left", ncol=2)
+    out = tmp_path / "preview.png"
+    fig.savefig(out, dpi=70)
+    assert drawn >= len(module.PANELS) and out.stat().st_size > 10_000
+    if os.environ.get("SMOOTHSMOE_PREVIEW_OUT"):
+        Path(os.environ["SMOOTHSMOE_PREVIEW_OUT"]).write_bytes(out.read_bytes())
