@@ -97,10 +97,13 @@ async def prepare_routing(engine, options: SmoothingOptions, prompts: list[str] 
         start = time.perf_counter()
         await engine.collective_rpc("smoothsmoe_start_recording")
         params = SamplingParams(max_tokens=1, temperature=0.0)
+        # Stay within the server's own admission limit (--max-num-queued-reqs).
+        limit = asyncio.Semaphore(engine.vllm_config.scheduler_config.max_num_queued_reqs or len(prompts))
 
         async def prefill(i: int, prompt: str) -> None:
-            async for _ in engine.generate(prompt, params, request_id=f"smoothsmoe-calibration-{i}"):
-                pass
+            async with limit:
+                async for _ in engine.generate(prompt, params, request_id=f"smoothsmoe-calibration-{i}"):
+                    pass
 
         await asyncio.gather(*(prefill(i, p) for i, p in enumerate(prompts)))
         results = (await engine.collective_rpc("smoothsmoe_calibrate", args=(options.budget,)))[0]

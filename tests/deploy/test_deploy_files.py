@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,14 +84,14 @@ def test_dashboard_uses_only_recorded_or_exported_series():
 
 
 def dockerfile_targets() -> set[str]:
-    return set(re.findall(r"^FROM \S+ AS (\w+)", (REPO / "Dockerfile").read_text(), flags=re.M))
+    return set(re.findall(r"^FROM \S+ AS (\w+)", (REPO / "Dockerfile").read_text(), flags=re.MULTILINE))
 
 
 def test_dockerfile_has_cpu_and_cuda_targets_and_runs_as_non_root():
     text = (REPO / "Dockerfile").read_text()
     assert {"cpu", "cuda"} <= dockerfile_targets()
     assert "USER smoothsmoe" in text and f'"--port", "{SERVER_PORT}"' in text and "deploy/install.sh" in text
-    for src in re.findall(r"^COPY (?:--chown=\S+ )?(.+) \S+$", text, flags=re.M):
+    for src in re.findall(r"^COPY (?:--chown=\S+ )?(.+) \S+$", text, flags=re.MULTILINE):
         for path in src.split():
             assert (REPO / path).exists(), path
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.default_model import NUM_LAYERS, TOP_K, ensure_default_model
 from smoothsmoe_server.eps import EpsPlan

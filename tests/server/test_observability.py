@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 import yaml
+from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
 
 from loadtests.server_process import free_port
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
 from tests.server.conftest import API_KEY, REPO
 
 RULES = REPO / "deploy" / "prometheus" / "rules" / "smoothsmoe.rules.yml"
@@ -29,7 +29,6 @@ TRAFFIC_S = 25
 
 def dashboard():
     import importlib.util
-
     import sys
 
     if "smoothsmoe_dashboard" not in sys.modules:  # deploy/ is not a package: load the file by path

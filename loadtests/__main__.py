@@ -1,0 +1,104 @@
+"""python -m loadtests run|compare: latency and throughput under load.
+
+  run      against any OpenAI-compatible URL serving the model
+  compare  starts `smoothsmoe serve` with smoothing on and off, runs the same
+           profile against each, prints both tables and their ratios
+Reports go to the terminal, a JSON file and a PNG plot (--out, default loadtest-results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from loadtests.profiles import PROFILES
+from loadtests.report import print_table, save
+from loadtests.run import run_profile
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("run", "compare"):
+        s = sub.add_parser(name)
+        s.add_argument("--profile", choices=sorted(PROFILES), default="short-chat")
+        load = s.add_mutually_exclusive_group()
+        load.add_argument("--concurrency", default=None, help="closed loop: comma list, e.g. 1,4,16")
+        load.add_argument("--request-rate", default=None, help="open loop, requests/s: comma list, e.g. 1,2,4")
+        s.add_argument("--num-prompts", type=int, default=32, help="requests per load level")
+        s.add_argument("--dataset", type=Path, help="JSONL of {\"prompt\": ...} instead of synthetic prompts")
+        s.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput SLO on time to first token")
+        s.add_argument("--slo-tpot-ms", type=float, default=200.0, help="goodput SLO on time per output token")
+        s.add_argument("--out", type=Path, default=Path("loadtest-results"))
+        s.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+        if name == "run":
+            s.add_argument("--url", required=True, help="server base URL, e.g. http://localhost:8000")
+            s.add_argument("--model", required=True, help="served model name")
+            s.add_argument("--tokenizer", required=True, help="tokenizer (path or name) to size synthetic prompts")
+        else:
+            s.add_argument("model", nargs="?", help="model to serve (default: the embedded tiny MoE)")
+    args = p.parse_args(argv)
+    args.levels = {"concurrency": [int(c) for c in args.concurrency.split(",")] if args.concurrency else None,
+                   "rates": [float(r) for r in args.request_rate.split(",")] if args.request_rate else None}
+    if not args.concurrency and not args.request_rate:
+        args.levels["concurrency"] = [1, 4]
+    return args
+
+
+def common(args) -> dict:
+    return dict(num_prompts=args.num_prompts, dataset=args.dataset, api_key=args.api_key,
+                slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, **args.levels)
+
+
+def meta(args, url: str, extra: dict | None = None) -> dict:
+    return {"profile": args.profile, "url": url, "num_prompts": args.num_prompts,
+            "load_kind": "concurrency" if args.levels["concurrency"] else "request rate (req/s)",
+            "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms, "time": time.time(), **(extra or {})}
+
+
+def cmd_run(args) -> None:
+    rows = run_profile(args.url, args.model, args.tokenizer, PROFILES[args.profile], **common(args))
+    print_table(rows, f"{args.profile} on {args.url}")
+    paths = save(rows, meta(args, args.url), args.out, f"{args.profile}")
+    print("wrote", *paths)
+
+
+def cmd_compare(args) -> None:
+    from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+
+    from loadtests.server_process import ServerProcess
+
+    model = args.model or DEFAULT_MODEL_NAME
+    tokenizer = args.model or str(ensure_default_model())
+    results = {}
+    with tempfile.TemporaryDirectory() as logs:
+        for name, flags in (("off", ["--no-smoothing"]), ("on", [])):
+            argv = [sys.executable, "-m", "smoothsmoe_server", "serve", *([args.model] if args.model else []), *flags]
+            server = ServerProcess(name, argv, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, Path(logs))
+            try:
+                results[name] = run_profile(server.url, model, tokenizer, PROFILES[args.profile], **common(args))
+            finally:
+                server.stop()
+            print_table(results[name], f"{args.profile}, smoothing {name}")
+            save(results[name], meta(args, server.url, {"smoothing": name}), args.out, f"{args.profile}-{name}")
+    print(f"# ratios on / off ({args.profile})")
+    print(f"{'load':>8} {'req/s':>7} {'tok/s':>7} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8} {'e2el p99':>9}")
+    for on, off in zip(results["on"], results["off"]):
+        ratio = {k: on[k] / off[k] if off[k] else float("nan") for k in
+                 ("request_throughput", "output_throughput", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "e2el_p99_ms")}
+        print(f"{on['load']:>8} {ratio['request_throughput']:7.3f} {ratio['output_throughput']:7.3f} "
+              f"{ratio['ttft_p50_ms']:9.3f} {ratio['ttft_p99_ms']:9.3f} {ratio['itl_p50_ms']:8.3f} "
+              f"{ratio['e2el_p99_ms']:9.3f}")
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    {"run": cmd_run, "compare": cmd_compare}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

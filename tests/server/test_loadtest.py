@@ -1,0 +1,35 @@
+"""The CPU load-test profile against the live server: the report's invariants."""
+
+from __future__ import annotations
+
+import json
+
+from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, TOP_K, ensure_default_model
+
+from loadtests.profiles import PROFILES
+from loadtests.report import LATENCIES, save
+from loadtests.run import run_profile
+from tests.server.conftest import API_KEY
+
+BUDGET, MAX_EXTRA = 0.5, 2
+
+
+def test_cpu_profile_report(smooth_server, model_cache, tmp_path):
+    rows = run_profile(smooth_server.url, DEFAULT_MODEL_NAME, str(ensure_default_model(model_cache)),
+                       PROFILES["short-chat"], concurrency=[1, 4], num_prompts=8, api_key=API_KEY)
+    assert [r["load"] for r in rows] == ["c=1", "c=4"]
+    for r in rows:
+        assert r["completed"] == 8 and r["failed"] == 0 and r["error_rate"] == 0.0
+        for m in LATENCIES:
+            assert 0 < r[f"{m}_p50_ms"] <= r[f"{m}_p90_ms"] <= r[f"{m}_p99_ms"], (r["load"], m)
+        assert r["request_throughput"] > 0 and r["output_throughput"] > 0
+        assert r["goodput"] is not None and r["goodput"] <= r["request_throughput"] + 1e-9
+        # Routing read off /metrics around the level: the extras stay near the budget.
+        assert r["tokens_routed"] > 0
+        assert TOP_K <= r["mean_active_experts"] <= TOP_K + MAX_EXTRA
+        assert 0 < r["extras_per_token"] <= 1.5 * BUDGET
+        assert abs(r["extra_overhead"] - r["extras_per_token"] / TOP_K) < 1e-9
+        assert 0 < r["boundary_hit_rate"] <= 1
+    json_path, png_path = save(rows, {"profile": "short-chat", "url": smooth_server.url}, tmp_path, "short-chat")
+    assert json.loads(json_path.read_text())["levels"] == json.loads(json.dumps(rows))
+    assert png_path.stat().st_size > 5_000
