@@ -32,6 +32,7 @@ from smoothsmoe_server.options import SmoothingOptions
 
 logger = logging.getLogger("vllm.smoothsmoe")  # under "vllm": vLLM's log handlers and format
 SNAPSHOT_MAX_AGE_S = 0.25  # scrapes closer together than this share one worker read
+GRACEFUL_SHUTDOWN_S = 10  # after SIGTERM, how long open connections may take to finish
 
 
 async def run_server(args, options: SmoothingOptions) -> None:
@@ -65,6 +66,10 @@ def uvicorn_options(args) -> dict:
         ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
         ssl_ciphers=args.ssl_ciphers, h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
         h11_max_header_count=args.h11_max_header_count,
+        # On SIGTERM vLLM aborts the engine, but a stream whose engine side was
+        # killed can stay open, and uvicorn would wait for it forever (seen in
+        # test_reliability under load): close what is left after a grace period.
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     log_config = get_uvicorn_log_config(args)
     if log_config is not None:
