@@ -21,6 +21,21 @@ from smoothsmoe_kernels.pairs import tile_schedule
 
 
 @triton.jit
+def _tile_rows(expert_ptr, row_ptr, rows_ptr, tile, BLOCK_M: tl.constexpr):
+    """The tile's expert, its BLOCK_M sorted-pair rows and which of them are real."""
+    e = tl.load(expert_ptr + tile).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    return e, tl.load(row_ptr + tile) + offs_m, offs_m < tl.load(rows_ptr + tile)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # float32 inputs: exact float32 products, no TF32
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _moe_gate_up_kernel(
     x_ptr, w13_ptr, h_ptr, token_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, tiles_done_ptr,
     H, I, stride_xt, stride_we, stride_wn, stride_hp,
@@ -30,12 +45,8 @@ def _moe_gate_up_kernel(
     tile = tl.program_id(0)
     if tile >= tl.load(num_tiles_ptr):
         return
-    e = tl.load(expert_ptr + tile).to(tl.int64)
-    row0 = tl.load(row_ptr + tile)
-    nrows = tl.load(rows_ptr + tile)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < nrows
-    tok = tl.load(token_ptr + row0 + offs_m, mask=m_ok, other=0)
+    e, rows, m_ok = _tile_rows(expert_ptr, row_ptr, rows_ptr, tile, BLOCK_M)
+    tok = tl.load(token_ptr + rows, mask=m_ok, other=0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -47,14 +58,9 @@ def _moe_gate_up_kernel(
         w_base = w13_ptr + e * stride_we + offs_k[:, None]
         wg = tl.load(w_base + offs_n[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         wu = tl.load(w_base + (I + offs_n[None, :]) * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if IEEE:
-            acc_gate += tl.dot(a, wg, input_precision="ieee")
-            acc_up += tl.dot(a, wu, input_precision="ieee")
-        else:
-            acc_gate += tl.dot(a, wg)
-            acc_up += tl.dot(a, wu)
+        acc_gate += _dot(a, wg, IEEE)
+        acc_up += _dot(a, wu, IEEE)
     h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # silu(gate) * up
-    rows = row0 + offs_m
     tl.store(h_ptr + rows[:, None] * stride_hp + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
     if tl.program_id(1) == 0:
@@ -71,12 +77,7 @@ def _moe_down_kernel(
     tile = tl.program_id(0)
     if tile >= tl.load(num_tiles_ptr):
         return
-    e = tl.load(expert_ptr + tile).to(tl.int64)
-    row0 = tl.load(row_ptr + tile)
-    nrows = tl.load(rows_ptr + tile)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < nrows
-    rows = row0 + offs_m
+    e, rows, m_ok = _tile_rows(expert_ptr, row_ptr, rows_ptr, tile, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -86,10 +87,7 @@ def _moe_down_kernel(
         a = tl.load(h_ptr + rows[:, None] * stride_hp + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w2_ptr + e * stride_we + offs_n[None, :] * stride_wh + offs_k[:, None],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, w, input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
+        acc += _dot(a, w, IEEE)
     slot = tl.load(slot_ptr + rows, mask=m_ok, other=0)
     acc *= tl.load(weight_ptr + slot, mask=m_ok, other=0.0)[:, None]
     tl.store(yp_ptr + slot[:, None] * stride_yp + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])

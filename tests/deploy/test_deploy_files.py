@@ -3,15 +3,15 @@ dashboard as Grafana loads it, compose and Kubernetes manifests against what the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+
+from tests.dashboard_module import load_dashboard
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -32,18 +32,9 @@ def test_promtool_checks_config_and_rules_and_runs_the_alert_unit_tests():
     assert "SUCCESS" in promtool("test", "rules", "tests/smoothsmoe.rules.test.yml")
 
 
-def load_dashboard_module():
-    if "smoothsmoe_dashboard" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("smoothsmoe_dashboard", DEPLOY / "grafana" / "dashboard.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["smoothsmoe_dashboard"]
-
-
 def test_dashboard_json_is_generated_from_dashboard_py():
     committed = json.loads((DEPLOY / "grafana" / "dashboards" / "smoothsmoe.json").read_text())
-    assert committed == load_dashboard_module().grafana_json(), "run: python deploy/grafana/dashboard.py"
+    assert committed == load_dashboard().grafana_json(), "run: python deploy/grafana/dashboard.py"
 
 
 def test_dashboard_loads_the_way_grafana_would():
@@ -77,7 +68,7 @@ def test_dashboard_uses_only_recorded_or_exported_series():
     recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
     exported = {"smoothsmoe_epsilon", "smoothsmoe_extra_budget", "smoothsmoe_config_info",
                 "smoothsmoe_tokens_routed_total"}
-    for panel in load_dashboard_module().PANELS:
+    for panel in load_dashboard().PANELS:
         for expr, _ in panel.targets:
             for name in re.findall(r"smoothsmoe[:_][\w:]+", expr):
                 assert name in recorded | exported, (panel.title, name)

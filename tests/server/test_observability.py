@@ -20,23 +20,14 @@ import yaml
 from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
 
 from loadtests.server_process import free_port
+from tests.dashboard_module import load_dashboard
 from tests.server.conftest import API_KEY, REPO
 
 RULES = REPO / "deploy" / "prometheus" / "rules" / "smoothsmoe.rules.yml"
-DASHBOARD_PY = REPO / "deploy" / "grafana" / "dashboard.py"
 TRAFFIC_S = 25
 
 
-def dashboard():
-    import importlib.util
-    import sys
-
-    if "smoothsmoe_dashboard" not in sys.modules:  # deploy/ is not a package: load the file by path
-        spec = importlib.util.spec_from_file_location("smoothsmoe_dashboard", DASHBOARD_PY)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["smoothsmoe_dashboard"]
+dashboard = load_dashboard
 
 
 def substitute(expr: str) -> str:
