@@ -11,6 +11,7 @@ Everything OpenAI-facing (chat templates, streaming, logprobs, error bodies,
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -146,3 +147,57 @@ class MetricsRefresh:
             self.read_at = time.monotonic()
         except Exception:  # an unreadable engine must not break vLLM's own metrics: keep the last snapshot
             logger.exception("smoothsmoe: could not read the routing counters; /metrics shows the last ones")
+
+
+class OpenAIErrorBodies:
+    """ASGI middleware (listed in args.middleware): gives every 4xx/5xx JSON body the
+    OpenAI error shape.
+
+    vLLM answers its own errors as {"error": {...}}, but some come from FastAPI
+    itself, e.g. a body that is not UTF-8 gets {"detail": "There was an error
+    parsing the body"}. Those are rewritten to {"error": {"message", "type",
+    "param", "code"}}; everything else passes through untouched (and streams).
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict = {}
+
+        async def rewrite(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400 and _is_json(message):
+                held["start"] = message  # wait for the body: it may need rewriting
+                held["body"] = b""
+                return
+            if "start" in held and message["type"] == "http.response.body":
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                start = held.pop("start")
+                body = _openai_error(held.pop("body"), start["status"])
+                headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                return await send({"type": "http.response.body", "body": body})
+            await send(message)
+
+        await self.app(scope, receive, rewrite)
+
+
+def _is_json(start: dict) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"application/json") for k, v in start["headers"])
+
+
+def _openai_error(body: bytes, status: int) -> bytes:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(data, dict) or "error" in data or "detail" not in data:
+        return body
+    detail = data["detail"]
+    message = detail if isinstance(detail, str) else json.dumps(detail)
+    kind = "BadRequestError" if status < 500 else "InternalServerError"
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()

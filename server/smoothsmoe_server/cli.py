@@ -18,7 +18,7 @@ from pathlib import Path
 from smoothsmoe_server.options import SmoothingOptions
 
 WORKER_EXTENSION = "smoothsmoe_server.worker_extension.SmoothWorkerExtension"
-METRICS_MIDDLEWARE = "smoothsmoe_server.app.MetricsRefresh"
+MIDDLEWARE = ["smoothsmoe_server.app.MetricsRefresh", "smoothsmoe_server.app.OpenAIErrorBodies"]
 # Flag help, keyed by SmoothingOptions field; `model` is not a flag (it is
 # the served model name).
 FLAG_HELP = {
@@ -77,7 +77,7 @@ def serve(argv: list[str]) -> int:
     if args.api_server_count not in (None, 1):
         parser.error("smoothsmoe serves its routing metrics from one API server: use --api-server-count 1")
     args.worker_extension_cls = WORKER_EXTENSION
-    args.middleware = [*args.middleware, METRICS_MIDDLEWARE]
+    args.middleware = [*args.middleware, *MIDDLEWARE]
     os.environ.update(options.to_env())
     validate_parsed_serve_args(args)
 

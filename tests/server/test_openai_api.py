@@ -81,6 +81,15 @@ BAD_REQUESTS = [
     ("messages of the wrong type", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": "hi"}), 400),
     ("prompt longer than the context", "/v1/completions",
      json.dumps({"model": MODEL, "prompt": "word " * 3000, "max_tokens": 2}), 400),
+    ("invalid UTF-8", "/v1/completions",
+     b'{"model": "' + MODEL.encode() + b'", "prompt": "hi \xff\xfe", "max_tokens": 2}', 400),
+    ("n out of range", "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 0}), 400),
+    ("n too large", "/v1/completions",
+     json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 100000}), 400),
+    ("max_tokens beyond the context", "/v1/completions",
+     json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 100000}), 400),
+    ("a 50 MB body", "/v1/completions", json.dumps({"model": MODEL, "prompt": "x" * (50 << 20), "max_tokens": 2}),
+     400),
 ]
 
 
