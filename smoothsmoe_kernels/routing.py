@@ -157,9 +157,22 @@ def route_with_gaps(
         weights=weights,  # 0 in inactive slots already: their mult is 0
         order=active.sum(-1, dtype=torch.int32),
         capped=bg.capped(eps_t),
-        margin=torch.nan_to_num(zs[:, K - 1] - zs[:, K], nan=0.0, posinf=FMAX),
+        margin=_margin(zs, K),
     )
     return result, bg
+
+
+def router_margin(
+    scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """z(k) - z(k+1) per token [T] float32, as RoutingResult.margin, without routing."""
+    _, _, zs = _select(scores, config, correction_bias)
+    return _margin(zs, config.top_k)
+
+
+def _margin(zs: torch.Tensor, K: int) -> torch.Tensor:
+    # finite always: +inf (no (k+1)-th candidate) as float32 max, -inf - -inf as 0
+    return torch.nan_to_num(zs[:, K - 1] - zs[:, K], nan=0.0, posinf=FMAX)
 
 
 def _smooth_step(gaps: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

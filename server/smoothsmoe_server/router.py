@@ -21,7 +21,7 @@ from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
 from smoothsmoe_kernels import RoutingConfig, RoutingResult, StatsLayout, accumulate
-from smoothsmoe_kernels.routing import BandGaps, route_with_gaps
+from smoothsmoe_kernels.routing import BandGaps, route_with_gaps, router_margin
 from smoothsmoe_server.options import SmoothingOptions
 
 CALIBRATION_CAPACITY = 16384  # tokens of band gaps a layer keeps while calibrating
@@ -155,11 +155,11 @@ class CountingRouter(BaseRouter):
         return weights, torch.ops.smoothsmoe.count(router_logits, ids, self.layer_name)
 
     def count_now(self, router_logits: torch.Tensor, ids: torch.Tensor) -> None:
-        ours, _ = route_with_gaps(router_logits, self.config, 0.0, self.correction_bias)  # for the margins
         T = ids.shape[0]
         zeros = torch.zeros(T, dtype=torch.int32, device=ids.device)
-        stock = RoutingResult(ids=ids.to(torch.int32), weights=ours.weights, order=zeros,
-                              capped=zeros.bool(), margin=ours.margin)
+        stock = RoutingResult(ids=ids.to(torch.int32), weights=torch.zeros(ids.shape, device=ids.device),
+                              order=zeros, capped=zeros.bool(),
+                              margin=router_margin(router_logits, self.config, self.correction_bias))
         self.counters.count(stock, _real_rows(T, ids.device))
 
 

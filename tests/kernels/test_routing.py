@@ -245,3 +245,14 @@ def test_config_route_matches_keyword_form():
 
 def test_oracle_step_is_the_spec_step():
     assert smooth_step(0.3) == step(0.3)
+
+
+def test_router_margin_is_the_routing_margin():
+    from smoothsmoe_kernels.routing import router_margin
+
+    s = torch.randn(64, 16)
+    s[3] = NAN
+    s[5, 2:] = -INF
+    cfg = RoutingConfig(top_k=2, max_extra=2, scoring_func="sigmoid", num_expert_group=4, topk_group=2)
+    bias = torch.randn(16) * 0.1
+    assert torch.equal(router_margin(s, cfg, bias), route(s, cfg, 0.3, bias).margin)
