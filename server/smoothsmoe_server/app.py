@@ -103,12 +103,15 @@ async def prepare_routing(engine, options: SmoothingOptions, prompts: list[str] 
         start = time.perf_counter()
         await engine.collective_rpc("smoothsmoe_start_recording")
         params = SamplingParams(max_tokens=1, temperature=0.0)
+        # Token ids cut to the context: a short --max-model-len must not make a built-in prompt fail start-up.
+        tokenizer, room = engine.get_tokenizer(), engine.model_config.max_model_len - 1
         # Stay within the server's own admission limit (--max-num-queued-reqs).
         limit = asyncio.Semaphore(engine.vllm_config.scheduler_config.max_num_queued_reqs or len(prompts))
 
         async def prefill(i: int, prompt: str) -> None:
+            ids = {"prompt_token_ids": tokenizer.encode(prompt)[:room]}
             async with limit:
-                async for _ in engine.generate(prompt, params, request_id=f"smoothsmoe-calibration-{i}"):
+                async for _ in engine.generate(ids, params, request_id=f"smoothsmoe-calibration-{i}"):
                     pass
 
         await asyncio.gather(*(prefill(i, p) for i, p in enumerate(prompts)))
