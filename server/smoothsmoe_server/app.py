@@ -19,12 +19,14 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import REGISTRY
+from starlette.datastructures import Headers
 from vllm import SamplingParams, envs
 from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
 from vllm.entrypoints.launchers.app import build_app
 from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
 from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.eps import EpsPlan
@@ -152,6 +154,39 @@ class MetricsRefresh:
             logger.exception("smoothsmoe: could not read the routing counters; /metrics shows the last ones")
 
 
+def api_keys(args) -> list[str]:
+    """The keys vLLM's own authentication accepts (--api-key first, else VLLM_API_KEY)."""
+    return [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
+
+
+class KeyedMetrics(AuthenticationMiddleware):
+    """ASGI middleware (listed in args.middleware by cli.py with
+    --metrics-require-api-key): /metrics and /smoothsmoe/* need the API key too.
+
+    vLLM's own middleware guards /v1 (and a few other prefixes) only; this one
+    reuses its token check for the paths vLLM leaves open. /health stays open
+    for load balancers and probes. vLLM builds middleware from a dotted name
+    with no arguments, so the keys are read from the app's args on first use.
+    """
+
+    GUARDED = ("/metrics", "/smoothsmoe/")
+
+    def __init__(self, app):
+        super().__init__(app, tokens=[])
+        self.api_tokens = None
+
+    async def __call__(self, scope, receive, send):
+        if self.api_tokens is None and scope["type"] == "http":
+            super().__init__(self.app, tokens=api_keys(scope["app"].state.args))
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if (scope["type"] == "http" and scope.get("method") != "OPTIONS" and path.startswith(self.GUARDED)
+                and not self.verify_token(Headers(scope=scope))):
+            body = {"error": {"message": "Unauthorized: this server requires its API key on " + path,
+                              "type": "AuthenticationError", "param": None, "code": 401}}
+            return await JSONResponse(body, status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class OpenAIErrorBodies:
     """ASGI middleware (listed in args.middleware): gives every 4xx/5xx JSON body the
     OpenAI error shape.
@@ -198,9 +233,14 @@ def _openai_error(body: bytes, status: int) -> bytes:
         data = json.loads(body)
     except ValueError:
         return body
-    if not isinstance(data, dict) or "error" in data or "detail" not in data:
+    if not isinstance(data, dict):
         return body
-    detail = data["detail"]
+    if isinstance(data.get("error"), str):  # vLLM's 401: {"error": "Unauthorized"}
+        detail = data["error"]
+    elif "error" in data or "detail" not in data:
+        return body
+    else:
+        detail = data["detail"]
     message = detail if isinstance(detail, str) else json.dumps(detail)
-    kind = "BadRequestError" if status < 500 else "InternalServerError"
+    kind = {401: "AuthenticationError"}.get(status, "BadRequestError" if status < 500 else "InternalServerError")
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()

@@ -61,6 +61,9 @@ def serve(argv: list[str]) -> int:
     parser = make_arg_parser(FlexibleArgumentParser(prog="smoothsmoe serve",
                                                     description="OpenAI-compatible server with smoothed MoE routing."))
     add_smoothing_args(parser)
+    parser.add_argument("--metrics-require-api-key", action=argparse.BooleanOptionalAction, default=False,
+                        help="Guard /metrics and /smoothsmoe/* with the API key too (by default only /v1/* "
+                        "needs it, so that Prometheus scrapes without one). /health stays open.")
     args = parser.parse_args(argv)
     model_given = args.model_tag is not None or args.model != parser.get_default("model")
     if args.model_tag is not None:
@@ -76,8 +79,15 @@ def serve(argv: list[str]) -> int:
         parser.error("--worker-extension-cls is taken by smoothsmoe (its counters and calibration live there)")
     if args.api_server_count not in (None, 1):
         parser.error("smoothsmoe serves its routing metrics from one API server: use --api-server-count 1")
+    if args.metrics_require_api_key:
+        from smoothsmoe_server.app import api_keys
+
+        if not api_keys(args):
+            parser.error("--metrics-require-api-key needs --api-key (or VLLM_API_KEY)")
     args.worker_extension_cls = WORKER_EXTENSION
-    args.middleware = [*args.middleware, *MIDDLEWARE]
+    # Listed innermost first: the error bodies wrap everything, the key check runs before a metrics refresh.
+    keyed = ["smoothsmoe_server.app.KeyedMetrics"] if args.metrics_require_api_key else []
+    args.middleware = [*args.middleware, MIDDLEWARE[0], *keyed, *MIDDLEWARE[1:]]
     os.environ.update(options.to_env())
     validate_parsed_serve_args(args)
 

@@ -1,7 +1,8 @@
 """Fuzz the server's OpenAPI schema with schemathesis: no 5xx, and the server still serves.
 
-A server of its own (smoothing on, with an API key, a short context so that
-generated requests stay cheap) takes the whole schema, in two runs:
+A server of its own (smoothing on, with an API key that guards /metrics too,
+a short context so that generated requests stay cheap) takes the whole
+schema, in two runs:
 
 - every operation but /v1/responses, with schemathesis' coverage phase
   (boundary values, missing and wrong-typed fields) and random fuzzing;
@@ -32,6 +33,7 @@ from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
 from loadtests.server_process import ServerProcess
 
 KEY = "fuzz-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 MIN_CASES = 2000
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
 
@@ -39,7 +41,7 @@ MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, server_env):
     argv = [sys.executable, "-m", "smoothsmoe_server", "serve", "--api-key", KEY, "--max-model-len", "128",
-            "--enforce-eager"]
+            "--enforce-eager", "--metrics-require-api-key"]
     s = ServerProcess("fuzz", argv, server_env, tmp_path_factory.mktemp("logs"))
     yield s
     s.stop()
@@ -74,17 +76,27 @@ def test_fuzzing_the_schema_gets_no_5xx_and_the_server_keeps_serving(server, tmp
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert reply.choices[0].message.content is not None
     # Nothing left running or queued from the fuzzed requests.
-    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    metrics = httpx.get(f"{server.url}/metrics", headers=AUTH, timeout=30).text
     for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
         values = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(gauge + "{")]
         assert values and sum(values) == 0, (gauge, values)
 
 
 def test_the_structured_decision_endpoint_answers_501_with_an_openai_error(server):
-    r = httpx.post(f"{server.url}/v1/systemone", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+    r = httpx.post(f"{server.url}/v1/systemone", headers=AUTH, timeout=30,
                    json={"model": MODEL, "state": "The sky is green.",
                          "questions": {"true": {"type": "boolean", "instructions": "Is the state true?"}}})
     assert r.status_code == 501, r.text
     error = r.json()["error"]
     assert error["code"] == 501 and "structured decision" in error["message"]
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_metrics_and_probe_need_the_key_when_asked_and_health_stays_open(server):
+    for path in ("/metrics", "/smoothsmoe/probe?layer=0"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.get(f"{server.url}{path}", headers=headers, timeout=30)
+            assert r.status_code == 401, (path, r.text)
+            assert r.json()["error"]["code"] == 401 and r.json()["error"]["type"] == "AuthenticationError"
+        assert httpx.get(f"{server.url}{path}", headers=AUTH, timeout=60).status_code == 200
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
