@@ -10,6 +10,8 @@ off /metrics, and each configuration's ratio to smoothing off:
   on    smoothing at the defaults (eps auto, budget 0.5, width k + 2)
   eps0  --smooth-eps 0: stock routing at width k + 2, every extra slot padded;
         what the padded slots cost vLLM's experts kernel, which computes them
+  ours  smoothing at the defaults with --smooth-experts smoothsmoe: this
+        project's experts on active pairs only (Triton on CUDA, torch on the CPU)
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 
 from loadtests.server_process import ServerProcess
 
-CONFIGS = {"off": ["--no-smoothing"], "on": [], "eps0": ["--smooth-eps", "0"]}
+CONFIGS = {"off": ["--no-smoothing"], "on": ["--smooth-experts", "vllm"], "eps0": ["--smooth-eps", "0"],
+           "ours": ["--smooth-experts", "smoothsmoe"]}
 
 
 def routing_totals(url: str) -> tuple[float, float]:
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=16, help="concurrent requests per round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per configuration (median reported)")
-    parser.add_argument("--configs", default="off,on,eps0")
+    parser.add_argument("--configs", default="off,on,eps0,ours")
     args = parser.parse_args(argv)
     served = "smoothsmoe/tiny-qwen3-moe" if args.model is None else args.model
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}

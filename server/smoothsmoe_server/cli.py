@@ -27,6 +27,9 @@ FLAG_HELP = {
     "`smoothsmoe calibrate`, or 'auto': calibrated to --smooth-budget at start-up.",
     "budget": "Target mean extra experts per token for eps=auto (the paper's k + 0.5 is 0.5).",
     "max_extra": "Cap on extra experts per token; MoE layers run at width top_k + max_extra.",
+    "experts": "Experts computation of smoothed layers: 'smoothsmoe' (this project's kernel: active pairs only; "
+    "Triton on CUDA, torch elsewhere), 'vllm' (vLLM's own kernel, which also computes the inactive slots, "
+    "at weight 0), or 'auto' (smoothsmoe on CUDA, vllm on the CPU).",
 }
 
 

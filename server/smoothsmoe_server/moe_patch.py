@@ -15,6 +15,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+import torch
+
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.models.utils import extract_layer_index
@@ -64,8 +66,11 @@ def _wrap(original: Callable, options: SmoothingOptions, eps_plan: EpsPlan) -> C
         if options.enabled and reason is None:
             router = SmoothRouter(config, num_experts, prefix, layer_index, eps_plan.initial(layer_index), bias, device,
                                   options)
-            logger.info("smoothsmoe: %s smoothed, top_k %d -> width %d", prefix, config.top_k, config.width)
-            return original(**{**a, "top_k": config.width, "router": router})
+            runner = original(**{**a, "top_k": config.width, "router": router})
+            experts = use_our_experts(runner, options, device, prefix)
+            logger.info("smoothsmoe: %s smoothed, top_k %d -> width %d, experts: %s", prefix, config.top_k,
+                        config.width, experts)
+            return runner
         if options.enabled:
             logger.warning("smoothsmoe: %s keeps stock top-k routing: %s", prefix, reason)
         runner = original(**a)
@@ -118,3 +123,17 @@ def routing_config(a: dict, max_extra: int) -> tuple[RoutingConfig | None, str |
         if unsupported:
             return config, f"{why} is not supported with smoothing"
     return config, None
+
+
+def use_our_experts(runner, options: SmoothingOptions, device, prefix: str) -> str:
+    """Give a smoothed layer our active-pairs experts if asked and possible; returns which it has."""
+    if options.experts_backend(torch.device(device).type) != "smoothsmoe":
+        return "vllm"
+    from smoothsmoe_server import experts_method
+
+    reason = experts_method.unsupported_reason(runner)
+    if reason is not None:
+        logger.warning("smoothsmoe: %s keeps vLLM's experts kernel: %s", prefix, reason)
+        return "vllm"
+    experts_method.install(runner)
+    return "smoothsmoe"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 # cli.py writes the options here; register() reads them in every vLLM process
 # (API server, engine core, workers). Unset: the plugin leaves vLLM stock.
 ENV_VAR = "SMOOTHSMOE_OPTIONS"
+EXPERTS_BACKENDS = ("auto", "smoothsmoe", "vllm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,7 @@ class SmoothingOptions:
     eps: str = "auto"  # a number (all layers), a JSON file of per-layer values, or "auto"
     budget: float = 0.5  # target mean extra experts per token, for eps=auto
     max_extra: int = 2  # cap on extra experts per token; layer width is top_k + max_extra
+    experts: str = "auto"  # a smoothed layer's experts: "smoothsmoe" (active pairs only), "vllm" (padded), "auto"
     model: str = ""  # the served model name, for the config info metric
 
     def __post_init__(self):
@@ -27,6 +29,19 @@ class SmoothingOptions:
             raise ValueError(f"--smooth-max-extra must be >= 0, got {self.max_extra}")
         if not 0.0 <= self.budget <= self.max_extra:
             raise ValueError(f"--smooth-budget must be in [0, max_extra={self.max_extra}], got {self.budget}")
+
+        if self.experts not in EXPERTS_BACKENDS:
+            raise ValueError(f"--smooth-experts must be one of {', '.join(EXPERTS_BACKENDS)}, got {self.experts!r}")
+
+    def experts_backend(self, device_type: str) -> str:
+        """'smoothsmoe' or 'vllm' for a layer on this device; auto picks ours on CUDA only.
+
+        On the CPU vLLM's fused C++ kernel computing the padded slots is faster
+        than our torch reference's loop over experts (see loadtests.throughput).
+        """
+        if self.experts != "auto":
+            return self.experts
+        return "smoothsmoe" if device_type == "cuda" else "vllm"
 
     def to_env(self) -> dict[str, str]:
         return {ENV_VAR: json.dumps(dataclasses.asdict(self))}

@@ -1,0 +1,83 @@
+"""ActivePairsMoEMethod: a smoothed layer's experts computed on active pairs only.
+
+A smoothed layer runs at width k + max_extra, but only about k + 0.5 of those
+slots are active per token. vLLM's experts kernels compute every slot, so the
+router hands them the inactive ones as the token's top-1 expert at weight 0:
+correct, but each padded slot costs a full expert MLP. This method replaces
+vLLM's unquantized experts in the layers we smooth (`--smooth-experts
+smoothsmoe`) with `smoothsmoe_kernels.moe_experts`, which skips them: the
+Triton grouped-GEMM kernel on CUDA, the torch reference elsewhere.
+
+It takes the place of vLLM's UnquantizedFusedMoEMethod in the layer (the
+hook vLLM calls with the router's output) and keeps the weights in vLLM's
+plain loaded layout (w13 [E, 2I, H], gate rows then up rows; w2 [E, H, I]):
+it does not run vLLM's weight post-processing, which on the CPU prepacks them
+for its own kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+from smoothsmoe_kernels import moe_experts
+
+
+class ActivePairsMoEMethod(UnquantizedFusedMoEMethod):
+    """vLLM's unquantized MoE method with `apply` on active pairs only."""
+
+    @property
+    def is_monolithic(self) -> bool:
+        return False  # a monolithic kernel would route by itself, past our router
+
+    def process_weights_after_loading(self, layer) -> None:
+        # The plain layout is what moe_experts reads; no vLLM kernel is built.
+        layer.w13_weight.data = layer.w13_weight.data.contiguous()
+        layer.w2_weight.data = layer.w2_weight.data.contiguous()
+        self.moe_quant_config = self.get_fused_moe_quant_config(layer)
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
+        # Shared experts are added by vLLM's runner, not here (it calls them
+        # itself when the method has no modular kernel).
+        return torch.ops.smoothsmoe.experts(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights)
+
+
+def unsupported_reason(runner) -> str | None:
+    """Why a layer's experts cannot be computed by ActivePairsMoEMethod (None if they can)."""
+    experts = runner.routed_experts
+    method = experts.quant_method
+    if type(method) is not UnquantizedFusedMoEMethod:
+        return f"quantized experts ({type(method).__name__})"
+    checks = (
+        ("expert biases", experts.moe_config.has_bias),
+        (f"activation {experts.activation}", experts.activation != MoEActivation.SILU),
+        ("router weights applied on the input", experts.apply_router_weight_on_input),
+        ("a SwiGLU clamp", getattr(experts, "swiglu_limit", None) is not None),
+        ("experts split across ranks", experts.expert_map is not None),
+        # vLLM pads the intermediate size for some GPU backends (FlashInfer TRT-LLM, AITER).
+        ("a padded intermediate size", experts.w13_weight.shape[1] != 2 * experts.w2_weight.shape[2]),
+    )
+    for why, unsupported in checks:
+        if unsupported:
+            return why
+    return None
+
+
+def install(runner) -> None:
+    """Put ActivePairsMoEMethod in the layer (before its weights are loaded)."""
+    runner.routed_experts.quant_method = ActivePairsMoEMethod(runner.routed_experts.moe_config)
+
+
+@torch.library.custom_op("smoothsmoe::experts", mutates_args=())
+def _experts_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+    """The layer's expert sum. An op: opaque to torch.compile, whose tracing of
+    vLLM's CPU path would otherwise meet the data-dependent pair counts."""
+    active = torch.where(weights > 0, ids, -1)  # the router's padding slots carry weight 0
+    return moe_experts(x, w13, w2, active, weights.float())
+
+
+@_experts_op.register_fake
+def _(x, w13, w2, ids, weights):
+    return torch.empty_like(x)
