@@ -1,8 +1,12 @@
-"""python -m loadtests run|compare: latency and throughput under load.
+"""python -m loadtests run|compare|soak: latency and throughput under load.
 
   run      against any OpenAI-compatible URL serving the model
   compare  starts `smoothsmoe serve` with smoothing on and off, runs the same
            profile against each, prints both tables and their ratios
+  soak     a steady request rate for a long time (default an hour), in windows:
+           memory, latency and the routing counters' check per window (soak.py);
+           against --url, or a `smoothsmoe serve` it starts (then the memory of
+           the server's whole process tree is followed too)
 Reports go to the terminal, a JSON file and a PNG plot (--out, default loadtest-results/).
 """
 
@@ -41,7 +45,21 @@ def parse(argv):
             s.add_argument("--tokenizer", required=True, help="tokenizer (path or name) to size synthetic prompts")
         else:
             s.add_argument("model", nargs="?", help="model to serve (default: the embedded tiny MoE)")
+    s = sub.add_parser("soak")
+    s.add_argument("--profile", choices=sorted(PROFILES), default="mixed")
+    s.add_argument("--request-rate", type=float, default=4.0, help="open loop, requests/s")
+    s.add_argument("--duration", type=float, default=3600.0, help="seconds in all")
+    s.add_argument("--window", type=float, default=60.0, help="seconds per window")
+    s.add_argument("--url", help="server base URL (default: start `smoothsmoe serve` on the model)")
+    s.add_argument("--model", help="served model name (with --url), or the model to serve")
+    s.add_argument("--tokenizer", help="tokenizer (path or name) to size synthetic prompts (with --url)")
+    s.add_argument("--out", type=Path, default=Path("loadtest-results"))
+    s.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     args = p.parse_args(argv)
+    if args.command == "soak":
+        if args.url and not (args.model and args.tokenizer):
+            p.error("soak --url needs --model and --tokenizer")
+        return args
     args.levels = {"concurrency": [int(c) for c in args.concurrency.split(",")] if args.concurrency else None,
                    "rates": [float(r) for r in args.request_rate.split(",")] if args.request_rate else None}
     if not args.concurrency and not args.request_rate:
@@ -95,9 +113,48 @@ def cmd_compare(args) -> None:
               f"{ratio['e2el_p99_ms']:9.3f}")
 
 
+def cmd_soak(args) -> None:
+    import json
+
+    from loadtests import soak
+
+    def go(url, model, tokenizer, pid):
+        print(f"# soak: {args.profile} at {args.request_rate}/s for {args.duration:.0f} s on {url}, "
+              f"windows of {args.window:.0f} s")
+        print(soak.WINDOW_HEADER)
+        windows = soak.run_soak(url, model, tokenizer, PROFILES[args.profile], rate=args.request_rate,
+                                duration_s=args.duration, window_s=args.window, api_key=args.api_key,
+                                server_pid=pid, on_window=soak.print_window)
+        result = soak.summary(windows)
+        print("# summary (last quarter of the windows against the first)")
+        for key, value in result.items():
+            print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"soak-{args.profile}.json"
+        path.write_text(json.dumps({"profile": args.profile, "url": url, "rate": args.request_rate,
+                                    "window_s": args.window, "summary": result,
+                                    "windows": soak.as_dicts(windows)}, indent=2) + "\n")
+        print("wrote", path)
+
+    if args.url:
+        return go(args.url, args.model, args.tokenizer, None)
+    from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+
+    from loadtests.server_process import ServerProcess
+
+    argv = [sys.executable, "-m", "smoothsmoe_server", "serve", *([args.model] if args.model else [])]
+    with tempfile.TemporaryDirectory() as logs:
+        server = ServerProcess("soak", argv, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, Path(logs))
+        try:
+            go(server.url, args.model or DEFAULT_MODEL_NAME, args.model or str(ensure_default_model()),
+               server.proc.pid)
+        finally:
+            server.stop()
+
+
 def main(argv=None) -> None:
     args = parse(argv)
-    {"run": cmd_run, "compare": cmd_compare}[args.command](args)
+    {"run": cmd_run, "compare": cmd_compare, "soak": cmd_soak}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Sweeps synthetic hidden states x(t) = x* + t d through the surface where the
 layer's k-th and (k+1)-th router scores tie, with the engine's own gate
-weights, our router and vLLM's experts kernel, at the layer's eps and at eps 0
+weights, our router and the layer's experts kernel, at the layer's eps and at eps 0
 (stock top-k), and reports the largest jump between neighbouring outputs for
 each step size. Smoothed, the largest jump shrinks with the step; stock, it
 stays at the size of the expert swap. Runs in the worker (see

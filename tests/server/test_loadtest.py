@@ -9,6 +9,7 @@ from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, TOP_K, ensure_de
 from loadtests.profiles import PROFILES
 from loadtests.report import LATENCIES, save
 from loadtests.run import run_profile
+from loadtests.soak import run_soak, summary
 from tests.server.conftest import API_KEY
 
 BUDGET, MAX_EXTRA = 0.5, 2
@@ -33,3 +34,21 @@ def test_cpu_profile_report(smooth_server, model_cache, tmp_path):
     json_path, png_path = save(rows, {"profile": "short-chat", "url": smooth_server.url}, tmp_path, "short-chat")
     assert json.loads(json_path.read_text())["levels"] == json.loads(json.dumps(rows))
     assert png_path.stat().st_size > 5_000
+
+
+def test_short_soak_windows_and_counter_check(smooth_server, model_cache):
+    """The soak tool on a short run (the hour-long run is documented, not in CI)."""
+    windows = run_soak(smooth_server.url, DEFAULT_MODEL_NAME, str(ensure_default_model(model_cache)),
+                       PROFILES["short-chat"], rate=2.0, duration_s=15.0, window_s=5.0, api_key=API_KEY,
+                       server_pid=smooth_server.proc.pid)
+    assert len(windows) >= 2
+    for w in windows:
+        assert w.completed == 10 and w.failed == 0
+        assert 0 < w.e2el_p50_ms <= w.e2el_p99_ms
+        # The engine computed tokens (a short prompt is never fully cached), and every
+        # layer routed each of them once: preemption is not expected at this load.
+        assert w.engine_tokens > 0 and w.routed_min == w.routed_max == w.engine_tokens, w
+        assert 0 < w.api_rss_mb < w.tree_rss_mb
+    result = summary(windows)
+    assert result["counters_add_up"] and result["failed"] == 0 and result["requests"] == 10 * len(windows)
+    assert result["tree_rss_mb_ratio"] > 0
