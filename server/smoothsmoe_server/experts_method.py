@@ -49,14 +49,17 @@ def unsupported_reason(runner) -> str | None:
     method = experts.quant_method
     if type(method) is not UnquantizedFusedMoEMethod:
         return f"quantized experts ({type(method).__name__})"
+    config = experts.moe_config
     checks = (
-        ("expert biases", experts.moe_config.has_bias),
+        ("expert biases", config.has_bias),
         (f"activation {experts.activation}", experts.activation != MoEActivation.SILU),
         ("router weights applied on the input", experts.apply_router_weight_on_input),
         ("a SwiGLU clamp", getattr(experts, "swiglu_limit", None) is not None),
         ("experts split across ranks", experts.expert_map is not None),
-        # vLLM pads the intermediate size for some GPU backends (FlashInfer TRT-LLM, AITER).
-        ("a padded intermediate size", experts.w13_weight.shape[1] != 2 * experts.w2_weight.shape[2]),
+        # vLLM pads the intermediate size for some GPU backends (FlashInfer TRT-LLM, AITER), and
+        # the padding is not guaranteed to be zero.
+        ("a padded intermediate size", experts.w2_weight.shape[2] != config.intermediate_size_per_partition_unpadded
+         or experts.w13_weight.shape[1] != 2 * experts.w2_weight.shape[2]),
     )
     for why, unsupported in checks:
         if unsupported:
