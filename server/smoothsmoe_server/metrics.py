@@ -48,6 +48,9 @@ class RoutingMetrics(Collector):
         eps = GaugeMetricFamily("smoothsmoe_epsilon", "The layer's band width eps, in score units.", labels=["layer"])
         smoothed = GaugeMetricFamily("smoothsmoe_layer_smoothed",
                                      "1 if the layer routes smoothed, 0 if it keeps stock top-k.", labels=["layer"])
+        experts = GaugeMetricFamily("smoothsmoe_layer_experts",
+                                    "The layer's experts computation (value 1): smoothsmoe computes active pairs "
+                                    "only, vllm every slot.", labels=["layer", "experts"])
         top_ks = set()
         for s in self.snapshot["layers"]:
             layer = str(s["layer"])
@@ -70,6 +73,7 @@ class RoutingMetrics(Collector):
             margin.add_metric([layer], buckets, st.margin_sum)
             eps.add_metric([layer], s["eps"])
             smoothed.add_metric([layer], 1.0 if s["smoothed"] else 0.0)
+            experts.add_metric([layer, s["experts"]], 1.0)
         info = GaugeMetricFamily("smoothsmoe_config_info", "Smoothing configuration (value is always 1).",
                                  labels=["top_k", "max_extra", "budget", "smoothing", "model"])
         budget = GaugeMetricFamily("smoothsmoe_extra_budget",
@@ -80,4 +84,4 @@ class RoutingMetrics(Collector):
             info.add_metric([",".join(map(str, sorted(top_ks))), str(o.max_extra), str(o.budget),
                              "on" if o.enabled else "off", o.model], 1.0)
             budget.add_metric([], o.budget if o.enabled else 0.0)
-        yield from (tokens, active, extras, hits, capped, margin, eps, load, smoothed, info, budget)
+        yield from (tokens, active, extras, hits, capped, margin, eps, load, smoothed, experts, info, budget)

@@ -67,7 +67,7 @@ def _wrap(original: Callable, options: SmoothingOptions, eps_plan: EpsPlan) -> C
             router = SmoothRouter(config, num_experts, prefix, layer_index, eps_plan.initial(layer_index), bias, device,
                                   options)
             runner = original(**{**a, "top_k": config.width, "router": router})
-            experts = use_our_experts(runner, options, device, prefix)
+            router.experts = experts = use_our_experts(runner, options, device, prefix)
             logger.info("smoothsmoe: %s smoothed, top_k %d -> width %d, experts: %s", prefix, config.top_k,
                         config.width, experts)
             return runner

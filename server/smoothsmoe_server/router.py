@@ -87,6 +87,7 @@ class SmoothRouter(BaseRouter):
         self.correction_bias = correction_bias  # the model's parameter: loaded in place later
         self.eps = torch.tensor(eps, dtype=torch.float32, device=device)  # data: set in place, never re-traced
         self.counters = LayerCounters(StatsLayout(config.top_k, config.max_extra, num_experts), device)
+        self.experts = "vllm"  # which experts computation the layer has: set by moe_patch
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -145,6 +146,7 @@ class CountingRouter(BaseRouter):
         self.correction_bias = correction_bias
         self.eps = torch.zeros((), dtype=torch.float32, device=device)
         self.counters = LayerCounters(StatsLayout(config.top_k, 0, num_experts), device)
+        self.experts = "vllm"  # a stock layer always keeps vLLM's experts
 
     @property
     def routing_method_type(self) -> RoutingMethodType:

@@ -65,6 +65,7 @@ class SmoothWorkerExtension:
                 {
                     "layer": r.layer_index,
                     "smoothed": isinstance(r, SmoothRouter),
+                    "experts": r.experts,
                     "top_k": r.config.top_k,
                     "max_extra": r.config.max_extra,
                     "num_experts": r.counters.layout.num_experts,

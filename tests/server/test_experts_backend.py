@@ -57,11 +57,17 @@ def complete(url: str, prompt: str, key: str | None = None) -> tuple[list[float]
     return logprobs, choice["text"]
 
 
+def layer_experts(url: str) -> dict[str, str]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {s.labels["layer"]: s.labels["experts"] for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "smoothsmoe_layer_experts" and s.value == 1}
+
+
 def test_every_smoothed_layer_uses_our_experts(ours_server, smooth_server):
-    assert layer_eps(ours_server.url) == layer_eps(smooth_server.url)
-    log = ours_server.log_path.read_text()
-    layers = [line for line in log.splitlines() if "smoothed, top_k" in line]
-    assert len(layers) == len(layer_eps(ours_server.url)) and all("experts: smoothsmoe" in x for x in layers)
+    eps = layer_eps(ours_server.url)
+    assert eps == layer_eps(smooth_server.url)
+    assert layer_experts(ours_server.url) == dict.fromkeys(eps, "smoothsmoe")
+    assert layer_experts(smooth_server.url) == dict.fromkeys(eps, "vllm")  # auto on the CPU
 
 
 def test_outputs_agree_with_vllms_experts_within_bf16_rounding(ours_server, smooth_server):

@@ -86,7 +86,7 @@ def test_counts_are_consistent(calibration_delta):
 def test_label_sets_are_bounded_and_vllm_metrics_are_beside_ours(calibration_delta):
     _, after, _ = calibration_delta
     allowed = {"layer": {str(i) for i in range(NUM_LAYERS)}, "order": {str(o) for o in range(1, MAX_EXTRA + 1)},
-               "expert": {str(e) for e in range(NUM_EXPERTS)}, "kind": {"topk", "extra"}}
+               "expert": {str(e) for e in range(NUM_EXPERTS)}, "kind": {"topk", "extra"}, "experts": {"smoothsmoe", "vllm"}}
     for name, labels in after:
         if name.startswith("smoothsmoe_") and name != "smoothsmoe_config_info":
             for key, value in labels:
