@@ -72,10 +72,12 @@ def _smooth_topk_kernel(
             in_g = (group_of == g)[None, :] & col_ok[None, :]
             zg = tl.where(in_g, z, NEG_INF)
             best = tl.max(zg, axis=1)
-            if HAS_BIAS:  # DeepSeek-V3: sum of the group's top 2
-                first = tl.min(tl.where(zg == best[:, None], offs_e[None, :], E_PAD), axis=1)
-                second = tl.max(tl.where(in_g & (offs_e[None, :] != first[:, None]), z, NEG_INF), axis=1)
-                s = best + second
+            if HAS_BIAS:  # DeepSeek-V3: sum of the group's top 2 (its only score if it has one)
+                s = best
+                if GS > 1:
+                    first = tl.min(tl.where(zg == best[:, None], offs_e[None, :], E_PAD), axis=1)
+                    second = tl.max(tl.where(in_g & (offs_e[None, :] != first[:, None]), z, NEG_INF), axis=1)
+                    s = best + second
                 s = tl.where(s != s, NEG_INF, s)
                 best = tl.where(s == float("inf"), FMAX_C, s)
             gscore = tl.where(offs_g[None, :] == g, best[:, None], gscore)

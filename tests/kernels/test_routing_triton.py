@@ -109,3 +109,18 @@ def test_cuda_graph_capture_counts_every_replay():
     torch.cuda.synchronize()
     ref = route_with_gaps(scores, config, eps)[0]
     assert torch.equal(out.ids, ref.ids) and stats[0].item() == 3 * 64
+
+
+def test_groups_of_one_expert_with_a_bias_score_by_that_expert():
+    """Found by the random cases: a group of one has no second score; it scores its only
+    one (the reference's top-min(2, group size)), not best + (-inf) for every group."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(7, 6, generator=g)
+    scores[0] = 0.0  # equal scores: the bias alone decides
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, -0.25])
+    for topk_group in (2, 3, 4):
+        case = (scores.to(DEV), 2, 1, 0.5, "sigmoid", bias.to(DEV), (6, topk_group))
+        ref, out = call(*case), call(*case, backend="triton")
+        assert torch.equal(out.ids, ref.ids) and torch.equal(out.order, ref.order)
+        torch.testing.assert_close(out.weights, ref.weights, atol=WEIGHT_ATOL, rtol=0)
+    assert call(*case).ids[0, 0] == 4  # the biased expert's group wins row 0
