@@ -1,12 +1,21 @@
-"""Smoothed top-k routing for MoE layers: torch references (and, later, Triton kernels).
+"""Smoothed top-k routing for MoE layers: torch references and Triton kernels.
 
-Imports with torch alone: no vLLM, no triton.
+The public entry points `smooth_topk` and `moe_experts` pick an
+implementation once per call site: the Triton kernels on CUDA, the torch
+references elsewhere. The dispatch lives here, at the package's entry, so that
+no reference imports the kernel it checks. Imports with torch alone: the
+Triton modules are imported only when a Triton backend is asked for.
 """
+
+from __future__ import annotations
+
+import torch
 
 from smoothsmoe_kernels.calibration import Calibration, calibrate_eps, calibrate_gaps
 from smoothsmoe_kernels.config import RoutingConfig
-from smoothsmoe_kernels.experts import moe_experts
-from smoothsmoe_kernels.routing import RoutingResult, route, smooth_topk
+from smoothsmoe_kernels.experts import moe_experts_torch
+from smoothsmoe_kernels.routing import route
+from smoothsmoe_kernels.routing_result import RoutingResult, as_eps_tensor
 from smoothsmoe_kernels.stats import RoutingStats, StatsLayout, accumulate, read_stats, routing_stats
 
 __all__ = [
@@ -20,7 +29,91 @@ __all__ = [
     "calibrate_gaps",
     "moe_experts",
     "read_stats",
+    "resolve_backend",
     "route",
     "routing_stats",
     "smooth_topk",
 ]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'torch' or 'triton': 'auto' takes the Triton kernels on CUDA, torch elsewhere."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def smooth_topk(
+    scores: torch.Tensor,
+    top_k: int,
+    eps: float | torch.Tensor,
+    max_extra: int,
+    *,
+    scoring_func: str = "softmax",
+    renormalize: bool = True,
+    correction_bias: torch.Tensor | None = None,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    backend: str = "auto",
+) -> RoutingResult:
+    """Smoothed top-k routing of router logits `scores` [T, E] (any float dtype).
+
+    `eps` (a float or a 0-d tensor, in score units) is the band width; 0 gives
+    the family's stock top-k. Softmax families score by the logit; the sigmoid
+    family scores by `sigmoid(logit) + correction_bias` and weighs by
+    `sigmoid(logit)`. See RoutingConfig for the families, routing.route for the
+    reference.
+
+    Example (k=1, one extra allowed): expert 2 sits 0.05 below expert 0, inside
+    a band of 0.1, so it is active as a first-order extra:
+
+        >>> r = smooth_topk(torch.tensor([[2.0, 0.0, 1.95]]), 1, 0.1, 1)
+        >>> r.ids.tolist(), r.order.tolist()
+        ([[0, 2]], [1])
+    """
+    config = RoutingConfig(
+        top_k=top_k,
+        max_extra=max_extra,
+        scoring_func=scoring_func,
+        renormalize=renormalize,
+        num_expert_group=num_expert_group,
+        topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor,
+    )
+    if resolve_backend(backend, scores.device) == "triton":
+        from smoothsmoe_kernels.routing_triton import smooth_topk_triton
+
+        return smooth_topk_triton(scores, config, as_eps_tensor(eps, scores.device), correction_bias)[0]
+    return route(scores, config, eps, correction_bias)
+
+
+def moe_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The experts' weighted sum over active (token, expert) pairs only.
+
+    x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I];
+    ids [T, W] int (-1 = inactive); weights [T, W] float32. Returns [T, H] in
+    x's dtype. See experts.moe_experts_torch for the exact contract.
+    """
+    T, H = x.shape
+    E, two_I, H_w = w13.shape
+    if H_w != H or w2.shape != (E, H, two_I // 2) or ids.shape != weights.shape or ids.shape[0] != T:
+        raise ValueError(
+            f"shapes do not agree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, "
+            f"ids {tuple(ids.shape)}, weights {tuple(weights.shape)}"
+        )
+    if resolve_backend(backend, x.device) == "triton":
+        from smoothsmoe_kernels.experts_triton import moe_experts_triton
+
+        return moe_experts_triton(x, w13, w2, ids, weights)
+    return moe_experts_torch(x, w13, w2, ids, weights)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from smoothsmoe_kernels.config import RoutingConfig
-from smoothsmoe_kernels.routing import BandGaps, band_gaps
+from smoothsmoe_kernels.routing import band_gaps
+from smoothsmoe_kernels.routing_result import BandGaps
 
 DEFAULT_BUDGET = 0.5  # the paper's k* = k + 0.5 active experts per token
 DEFAULT_RTOL = 1e-4

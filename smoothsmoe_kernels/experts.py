@@ -1,4 +1,4 @@
-"""moe_experts(): the MoE layer's expert sum over active pairs only (torch reference)."""
+"""moe_experts_torch(): the MoE layer's expert sum over active pairs only (the reference and CPU path)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from smoothsmoe_kernels.pairs import group_pairs_by_expert
-from smoothsmoe_kernels.routing import resolve_backend
 
 
-def moe_experts(
+def moe_experts_torch(
     x: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
-    *,
-    backend: str = "auto",
 ) -> torch.Tensor:
     """y[t] = sum over active slots j of weights[t, j] * Expert_{ids[t, j]}(x[t]).
 
@@ -29,16 +26,7 @@ def moe_experts(
     expert's matmuls run in x's dtype; the weighted sum accumulates in float32.
     """
     T, H = x.shape
-    E, two_I, H_w = w13.shape
-    if H_w != H or w2.shape != (E, H, two_I // 2) or ids.shape != weights.shape or ids.shape[0] != T:
-        raise ValueError(
-            f"shapes do not agree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, "
-            f"ids {tuple(ids.shape)}, weights {tuple(weights.shape)}"
-        )
-    if resolve_backend(backend, x.device) == "triton":
-        from smoothsmoe_kernels.experts_triton import moe_experts_triton  # imports triton only when asked
-
-        return moe_experts_triton(x, w13, w2, ids, weights)
+    E = w13.shape[0]
     pairs = group_pairs_by_expert(ids, E)
     pair_weight = weights.reshape(-1)[pairs.flat_slot].float()  # [P]
     y = torch.zeros(T, H, dtype=torch.float32, device=x.device)

@@ -1,7 +1,8 @@
-"""smooth_topk(): the spec's smoothed top-k routing in vectorized torch.
+"""route(): the spec's smoothed top-k routing in vectorized torch.
 
 This is the reference that the Triton kernel is tested against, and the CPU
-path of the server. Everything is computed in float32 whatever the input dtype.
+path of the server (smoothsmoe_kernels.smooth_topk picks it off CUDA).
+Everything is computed in float32 whatever the input dtype.
 
 How the band is computed (one token, scores sorted descending, tau = z(k)):
 
@@ -18,107 +19,11 @@ calibration count extras with the very same comparison (see `band_gaps`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from smoothsmoe_kernels.config import RoutingConfig
-
-FMAX = torch.finfo(torch.float32).max
-STEP_B = 50.0  # s(u) = u^a / (u^a + (1-u)^b) with a = 1, b = 50: the spec's smooth step
-
-
-@dataclass(frozen=True, slots=True)
-class RoutingResult:
-    """The routing of T tokens at width W = top_k + max_extra.
-
-    Slots 0..K-1 hold the top-k experts by descending score; slots K.. hold the
-    active extras, best first; inactive slots hold id -1 and weight 0.
-    """
-
-    ids: torch.Tensor  # [T, W] int32
-    weights: torch.Tensor  # [T, W] float32
-    order: torch.Tensor  # [T] int32, active extras (0..M); >= 1 is a boundary hit
-    capped: torch.Tensor  # [T] bool, the band was cut by the cap (z(k+M+1) > tau - eps)
-    margin: torch.Tensor  # [T] float32, z(k) - z(k+1), finite (+inf -> float32 max, -inf - -inf -> 0)
-
-
-@dataclass(frozen=True, slots=True)
-class BandGaps:
-    """What decides the band for any eps: enough for routing and calibration alike.
-
-    Where tau is -inf (fewer than k finite scores) every gap is +inf: no band.
-    """
-
-    gaps: torch.Tensor  # [T, M] float32, tau - z(k+j); +inf where no candidate
-    cap_gap: torch.Tensor  # [T, 1] float32, tau - z(k+M+1); +inf where none
-
-    def band(self, eps: torch.Tensor) -> torch.Tensor:
-        """Band width B = min(eps, c) per token, [T, 1] float32."""
-        return torch.minimum(eps, self.cap_gap)
-
-    def extras(self, eps: torch.Tensor) -> torch.Tensor:
-        """Active extras per token [T, M] bool: gap_j < B. Monotone in eps."""
-        return self.gaps < self.band(eps)
-
-    def capped(self, eps: torch.Tensor) -> torch.Tensor:
-        """[T] bool: z(k+M+1) > tau - eps, the cap moved the band's lower edge."""
-        return (self.cap_gap < eps).squeeze(-1)
-
-
-def smooth_topk(
-    scores: torch.Tensor,
-    top_k: int,
-    eps: float | torch.Tensor,
-    max_extra: int,
-    *,
-    scoring_func: str = "softmax",
-    renormalize: bool = True,
-    correction_bias: torch.Tensor | None = None,
-    num_expert_group: int | None = None,
-    topk_group: int | None = None,
-    routed_scaling_factor: float = 1.0,
-    backend: str = "auto",
-) -> RoutingResult:
-    """Smoothed top-k routing of router logits `scores` [T, E] (any float dtype).
-
-    `eps` (a float or a 0-d tensor, in score units) is the band width; 0 gives
-    the family's stock top-k. Softmax families score by the logit; the sigmoid
-    family scores by `sigmoid(logit) + correction_bias` and weighs by
-    `sigmoid(logit)`. See RoutingConfig for the families, `route` for the rest.
-
-    Example (k=1, one extra allowed): expert 2 sits 0.05 below expert 0, inside
-    a band of 0.1, so it is active as a first-order extra:
-
-        >>> r = smooth_topk(torch.tensor([[2.0, 0.0, 1.95]]), 1, 0.1, 1)
-        >>> r.ids.tolist(), r.order.tolist()
-        ([[0, 2]], [1])
-    """
-    config = RoutingConfig(
-        top_k=top_k,
-        max_extra=max_extra,
-        scoring_func=scoring_func,
-        renormalize=renormalize,
-        num_expert_group=num_expert_group,
-        topk_group=topk_group,
-        routed_scaling_factor=routed_scaling_factor,
-    )
-    if resolve_backend(backend, scores.device) == "triton":
-        from smoothsmoe_kernels.routing_triton import smooth_topk_triton  # imports triton only when asked
-
-        eps_t = _eps_tensor(eps, scores.device)
-        return smooth_topk_triton(scores, config, eps_t, correction_bias)[0]
-    return route(scores, config, eps, correction_bias)
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'torch' or 'triton': 'auto' takes the Triton kernels on CUDA, torch elsewhere."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
+from smoothsmoe_kernels.routing_result import FMAX, STEP_B, BandGaps, RoutingResult, as_eps_tensor
 
 
 def route(
@@ -140,7 +45,7 @@ def route_with_gaps(
     """route(), plus the band gaps it decided on (what calibration records)."""
     K, M = config.top_k, config.max_extra
     weight_src, idx, zs = _select(scores, config, correction_bias)
-    eps_t = _eps_tensor(eps, zs.device)
+    eps_t = as_eps_tensor(eps, zs.device)
 
     bg = _gaps_from_sorted(zs, K, M)
     B = bg.band(eps_t)  # [T, 1]
@@ -207,18 +112,6 @@ def _f64(fn, *args: torch.Tensor) -> torch.Tensor:
     float32 rounding midpoint, about one weight in 1e9).
     """
     return fn(*(a.double() for a in args)).float()
-
-
-def _eps_tensor(eps: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(eps, torch.Tensor):
-        if eps.dim() != 0:
-            raise ValueError(f"eps must be a float or a 0-d tensor, got shape {tuple(eps.shape)}")
-        # A device tensor is not checked on the host (that would sync every
-        # step): NaN or negative counts as 0, +inf as the largest float.
-        return eps.to(device=device, dtype=torch.float32).nan_to_num(0.0, posinf=FMAX).clamp(0.0, FMAX)
-    if not 0.0 <= eps < float("inf"):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return torch.tensor(min(float(eps), FMAX), dtype=torch.float32, device=device)
 
 
 def _select(scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.Tensor | None):

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from smoothsmoe_kernels.config import RoutingConfig
-from smoothsmoe_kernels.routing import FMAX, STEP_B, BandGaps, RoutingResult
+from smoothsmoe_kernels.routing_result import FMAX, STEP_B, BandGaps, RoutingResult
 from smoothsmoe_kernels.stats import StatsLayout
 
 
@@ -154,7 +154,7 @@ def _smooth_topk_kernel(
     tl.store(ids_ptr + offs_t[:, None] * W + offs_w[None, :], ids, mask=out_mask)
     tl.store(weights_ptr + offs_t[:, None] * W + offs_w[None, :], w, mask=out_mask)
     tl.store(order_ptr + offs_t, order, mask=row_ok)
-    tl.store(capped_ptr + offs_t, capped.to(tl.int8), mask=row_ok)
+    tl.store(capped_ptr + offs_t, capped.to(tl.uint8), mask=row_ok)
     tl.store(margin_ptr + offs_t, margin, mask=row_ok)
     # The band gaps gap_1..gap_M and the cap gap (what calibration records).
     gap_cols = (offs_w[None, :] >= K) & (offs_w[None, :] <= K + M)
@@ -206,6 +206,10 @@ def smooth_topk_triton(
     buffer (StatsLayout(config.top_k, config.max_extra, E) layout), updated in
     place. valid: [T] bool, rows to count (padding rows False). Returns the
     routing and its band gaps, as routing.route_with_gaps does.
+
+    Safe under CUDA-graph capture: no host sync, no host-to-device copy (the
+    margin edges are a per-device constant made on first use), and every
+    output is a view of one allocation whose size depends on T only.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [T, E], got shape {tuple(scores.shape)}")
@@ -218,21 +222,17 @@ def smooth_topk_triton(
     K, M, W = config.top_k, config.max_extra, config.width
     dev = scores.device
     scores = scores if scores.stride(1) == 1 else scores.contiguous()
-    eps = torch.as_tensor(eps, dtype=torch.float32, device=dev).reshape(())
-    ids = torch.empty(T, W, dtype=torch.int32, device=dev)  # [T, W]
-    weights = torch.empty(T, W, dtype=torch.float32, device=dev)  # [T, W]
-    order = torch.empty(T, dtype=torch.int32, device=dev)
-    capped = torch.empty(T, dtype=torch.int8, device=dev)
-    margin = torch.empty(T, dtype=torch.float32, device=dev)
-    gaps = torch.empty(T, M + 1, dtype=torch.float32, device=dev)  # [T, M+1]: gap_1..gap_M, cap gap
+    if eps.dtype != torch.float32 or eps.device != dev or eps.dim():
+        eps = eps.to(device=dev, dtype=torch.float32).reshape(())
     layout = StatsLayout(K, M, E)
-    edges = torch.tensor(layout.margin_edges, dtype=torch.float32, device=dev)
+    edges = layout.edges_on(dev)
+    out = _RoutingOutputs(T, W, M, dev)
     G = config.num_expert_group or 1
     if T:
         _smooth_topk_kernel[(triton.cdiv(T, block_t),)](
             scores, correction_bias if correction_bias is not None else scores, eps,
-            valid if valid is not None else scores, edges, stats if stats is not None else weights,
-            ids, weights, order, capped, margin, gaps,
+            valid if valid is not None else scores, edges, stats if stats is not None else out.weights,
+            out.ids, out.weights, out.order, out.capped_u8, out.margin, out.gaps,
             T, scores.stride(0), float(config.routed_scaling_factor),
             E=E, E_PAD=triton.next_power_of_2(E), K=K, M=M, W1_PAD=triton.next_power_of_2(W + 1),
             SIGMOID=config.scoring_func == "sigmoid", RENORM=config.renormalize,
@@ -243,5 +243,28 @@ def smooth_topk_triton(
             TOPK_OFF=layout.expert_topk.start, EXTRA_OFF=layout.expert_extra.start,
             FMAX_C=FMAX, STEP_B_C=STEP_B, BLOCK_T=block_t,
         )
-    result = RoutingResult(ids=ids, weights=weights, order=order, capped=capped.bool(), margin=margin)
-    return result, BandGaps(gaps=gaps[:, :M], cap_gap=gaps[:, M:])
+    result = RoutingResult(ids=out.ids, weights=out.weights, order=out.order, capped=out.capped_u8.view(torch.bool),
+                           margin=out.margin)
+    return result, BandGaps(gaps=out.gaps[:, :M], cap_gap=out.gaps[:, M:])
+
+
+class _RoutingOutputs:
+    """The kernel's six outputs as views of one int32 allocation (one allocator call, not six).
+
+    Layout, in int32 words: ids [T*W] | weights [T*W] (float32 bits) | order [T]
+    | margin [T] (float32) | gaps [T*(M+1)] (float32) | capped [T] bytes,
+    rounded up to whole words.
+    """
+
+    __slots__ = ("ids", "weights", "order", "margin", "gaps", "capped_u8")
+
+    def __init__(self, T: int, W: int, M: int, device: torch.device):
+        n = [T * W, T * W, T, T, T * (M + 1), (T + 3) // 4]
+        buf = torch.empty(sum(n), dtype=torch.int32, device=device)
+        ids, weights, order, margin, gaps, capped = buf.split(n)
+        self.ids = ids.view(T, W)  # [T, W] int32
+        self.weights = weights.view(torch.float32).view(T, W)  # [T, W] float32
+        self.order = order  # [T] int32
+        self.margin = margin.view(torch.float32)  # [T] float32
+        self.gaps = gaps.view(torch.float32).view(T, M + 1)  # [T, M+1]: gap_1..gap_M, cap gap
+        self.capped_u8 = capped.view(torch.uint8)[:T]  # [T] uint8 (0/1), read as bool

@@ -18,10 +18,11 @@ Layout (M = max_extra, B = len(margin_edges), E = experts):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
-from smoothsmoe_kernels.routing import FMAX, RoutingResult
+from smoothsmoe_kernels.routing_result import FMAX, RoutingResult
 
 # Router margins z(k) - z(k+1) in score units: logit margins are ~0.01..5,
 # sigmoid-score margins ~1e-4..0.1, so the edges span both on a 1-2-5 scale.
@@ -65,6 +66,15 @@ class StatsLayout:
 
     def new_buffer(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.zeros(self.size, dtype=torch.float64, device=device)
+
+    def edges_on(self, device: torch.device | str) -> torch.Tensor:
+        """margin_edges as a float32 tensor on `device`, made once per device.
+
+        Building it from the tuple is a host-to-device copy, which a CUDA graph
+        cannot capture: the first call (at layer build, or in the warm-up vLLM
+        runs before capture) makes it, later calls reuse it.
+        """
+        return _edges_tensor(self.margin_edges, torch.device(device))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +132,7 @@ def accumulate(
         hits = torch.zeros(layout.max_extra + 1, dtype=torch.float64, device=dev)
         hits.index_add_(0, result.order.long(), row)
         buffer[layout.hits] += hits[1:]
-    edges = torch.tensor(layout.margin_edges, dtype=torch.float32, device=dev)
+    edges = layout.edges_on(dev)
     bucket = torch.bucketize(result.margin, edges)  # edges[i-1] < m <= edges[i]
     buffer[layout.margin_buckets].index_add_(0, bucket, row)
     ids = result.ids.long()
@@ -131,6 +141,12 @@ def accumulate(
     buffer[layout.expert_topk].index_add_(0, topk_ids.reshape(-1), slot_row[:, :K].reshape(-1))
     extra_w = torch.where(extra_ids >= 0, slot_row[:, K:], 0.0)
     buffer[layout.expert_extra].index_add_(0, extra_ids.clamp(min=0).reshape(-1), extra_w.reshape(-1))
+
+
+@lru_cache(maxsize=64)
+def _edges_tensor(edges: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # Constants only (a tuple of floats per device): read, never written.
+    return torch.tensor(edges, dtype=torch.float32, device=device)
 
 
 def read_stats(buffer: torch.Tensor, layout: StatsLayout) -> RoutingStats:

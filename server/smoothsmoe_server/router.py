@@ -21,7 +21,8 @@ from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
 from smoothsmoe_kernels import RoutingConfig, RoutingResult, StatsLayout, accumulate
-from smoothsmoe_kernels.routing import BandGaps, route_with_gaps, router_margin
+from smoothsmoe_kernels.routing import route_with_gaps, router_margin
+from smoothsmoe_kernels.routing_result import BandGaps
 from smoothsmoe_server.options import SmoothingOptions
 
 CALIBRATION_CAPACITY = 16384  # tokens of band gaps a layer keeps while calibrating

@@ -8,10 +8,12 @@ import torch
 from smoothsmoe_kernels import moe_experts, smooth_topk
 from smoothsmoe_kernels.experts_triton import moe_experts_triton
 from smoothsmoe_kernels.pairs import tile_schedule
+from smoothsmoe_kernels.tile_config import ExpertsTileConfig
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(0, 8, 2, 2), (1, 8, 2, 2), (33, 6, 1, 2), (70, 12, 4, 2), (17, 16, 8, 4)]  # (T, E, K, M)
-BLOCK_M = 16
+CONFIG = ExpertsTileConfig(block_m=16, block_n=32, block_k=32)  # small tiles: quick in the interpreter
+BLOCK_M = CONFIG.block_m
 
 
 def layer(T, E, H=64, I=32, seed=0, dtype=torch.float32):
@@ -33,7 +35,7 @@ def test_matches_reference_and_spends_no_tile_on_inactive_slots(T, E, K, M):
     x, w13, w2 = layer(T, E, seed=T + E)
     r = smooth_topk(torch.randn(T, E, generator=torch.Generator().manual_seed(T)).to(DEV), K, 0.5, M, backend="torch")
     tiles = torch.zeros(1, dtype=torch.int32, device=DEV)
-    y = moe_experts_triton(x, w13, w2, r.ids, r.weights, block_m=BLOCK_M, tiles_done=tiles)
+    y = moe_experts_triton(x, w13, w2, r.ids, r.weights, config=CONFIG, tiles_done=tiles)
     ref = moe_experts(x, w13, w2, r.ids, r.weights, backend="torch")
     # Both float32 (no TF32): sums of 64 and 32 products in another order, ~1e-6 relative.
     torch.testing.assert_close(y, ref, atol=2e-5, rtol=2e-5)
@@ -53,7 +55,7 @@ def test_inactive_slots_and_unused_experts_are_never_read():
     w13[unused] = float("nan")
     w2[unused] = float("nan")
     tiles = torch.zeros(1, dtype=torch.int32, device=DEV)
-    y = moe_experts_triton(x, w13, w2, ids, weights, block_m=BLOCK_M, tiles_done=tiles)
+    y = moe_experts_triton(x, w13, w2, ids, weights, config=CONFIG, tiles_done=tiles)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, moe_experts(x, w13, w2, ids, weights, backend="torch"), atol=2e-5, rtol=2e-5)
     assert int(tiles) == expected_tiles(ids, E) == 3 + 2  # 40 pairs over 3 experts, 20 on expert 5
@@ -78,7 +80,7 @@ def test_smoothing_costs_only_its_extra_pairs():
     for name, ids, w in (("stock", stock.ids, stock.weights), ("smooth", smooth.ids, smooth.weights),
                          ("padded", padded_ids, smooth.weights)):
         counter = torch.zeros(1, dtype=torch.int32, device=DEV)
-        moe_experts_triton(x, w13, w2, ids, w, block_m=BLOCK_M, tiles_done=counter)
+        moe_experts_triton(x, w13, w2, ids, w, config=CONFIG, tiles_done=counter)
         tiles[name] = int(counter)
         assert tiles[name] == expected_tiles(ids, E)
     extra_pairs = int((smooth.ids[:, K:] >= 0).sum())

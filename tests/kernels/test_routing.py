@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smoothsmoe_kernels import RoutingConfig, route, smooth_topk
-from smoothsmoe_kernels.routing import FMAX
+from smoothsmoe_kernels.routing_result import FMAX
 from tests.kernels.cases import call, routing_case
 from tests.kernels.oracle import route_token, smooth_step
 

@@ -72,9 +72,13 @@ def test_kernel_matches_reference_and_counts_the_same(T, E, family, dtype):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(routing_case())
 def test_kernel_matches_reference_on_random_cases(case):
+    # Cases are drawn on the CPU; the kernel gets them on its own device (a
+    # CPU tensor handed to a CUDA kernel would be read as a device pointer).
     scores, k, m, eps, family, bias, groups = case
     ref = call(*case)
-    out = call(*case, backend="triton")
+    on_dev = (scores.to(DEV), k, m, eps, family, None if bias is None else bias.to(DEV), groups)
+    out = call(*on_dev, backend="triton")
+    out = type(out)(*(t.cpu() for t in (out.ids, out.weights, out.order, out.capped, out.margin)))
     assert torch.equal(out.ids, ref.ids) and torch.equal(out.order, ref.order)
     assert torch.equal(out.capped, ref.capped) and torch.equal(out.margin, ref.margin)
     torch.testing.assert_close(out.weights, ref.weights, atol=WEIGHT_ATOL, rtol=0)
