@@ -1,53 +1,36 @@
-"""Benchmarks: python -m smoothsmoe_kernels.bench routing|experts
+"""Benchmarks: python -m smoothsmoe_kernels.bench routing|experts|tune
 
 Baseline and ours in one process, on the same inputs, back to back; the ratio
 is what to read.
-  routing  smooth_topk (torch; and the Triton kernel on CUDA), at eps calibrated
-           to the default budget, against stock routing: torch.topk + softmax.
+  routing  smooth_topk (torch; and the Triton kernel with its counts on CUDA),
+           at eps calibrated to the default budget, against stock routing:
+           torch.topk + softmax.
   experts  on the shapes of real models (one layer, random weights): the work
            the experts kernel schedules (GEMM row tiles) with smoothing against
            stock top-k, next to 1 + extra pairs / base pairs (any machine); on
-           CUDA also times: the Triton kernel stock vs smoothed, a
-           torch._grouped_mm baseline, and the fraction of the roofline.
+           CUDA also times our kernel at the stock and the smoothed ids, vLLM's
+           fused_experts at the stock ids where vLLM is importable, the whole
+           layer (routing + experts) smoothed against stock, eager and (T <= 512)
+           captured in CUDA graphs, and the fraction of the roofline.
+  tune     on a GPU: times the tile-config candidates per token bucket and writes
+           the tuned tables the kernel loads (smoothsmoe_kernels/tuned/).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 
 import torch
 
 from smoothsmoe_kernels.calibration import DEFAULT_BUDGET, calibrate_eps
 from smoothsmoe_kernels.config import RoutingConfig
 from smoothsmoe_kernels.routing import route
+from smoothsmoe_kernels.stats import StatsLayout
+from smoothsmoe_kernels.timing import device_name, graph_time_us, time_us
 
 # (E, K): Mixtral-8x7B, OLMoE-1B-7B, Qwen3-30B-A3B, DeepSeek-V3 (without grouping here)
 ROUTING_SHAPES = [(8, 2), (64, 8), (128, 8), (256, 8)]
 TOKENS = [1, 16, 256, 1024, 4096, 16384]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def time_us(fn, device: torch.device, min_time: float = 0.2, max_reps: int = 2000) -> float:
-    """Median microseconds per call over repeats (after a warm-up call)."""
-    fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < 5):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def stock_topk_softmax(scores: torch.Tensor, k: int):
@@ -77,7 +60,8 @@ def bench_routing(device: torch.device, dtype: torch.dtype, max_extra: int) -> N
                 from smoothsmoe_kernels.routing_triton import smooth_topk_triton
 
                 eps_t = torch.tensor(eps, device=device)
-                kernel = time_us(lambda s=scores, c=config: smooth_topk_triton(s, c, eps_t), device)
+                stats = StatsLayout(K, max_extra, E).new_buffer(device)  # counted, as the server runs it
+                kernel = time_us(lambda s=scores, c=config: smooth_topk_triton(s, c, eps_t, stats=stats), device)
                 line += f" {kernel:10.1f} {kernel / stock:6.2f}"
             print(line)
 
@@ -90,20 +74,26 @@ MODEL_SHAPES = {
     "DeepSeek-V2-Lite": (64, 6, 2048, 1408),
 }
 EXPERT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
-BLOCK_M = 16
+TUNE_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+GRAPH_MAX_T = 512  # vLLM captures decode batches up to about this size
 
 
 def bench_experts(device: torch.device, dtype: torch.dtype, max_extra: int) -> None:
     from smoothsmoe_kernels.pairs import tile_schedule
+    from smoothsmoe_kernels.tile_config import default_tile_config
 
     timing = device.type == "cuda"
     print(f"# experts: {device_name(device)}  torch {torch.__version__}  {dtype}  max_extra={max_extra}  "
-          f"BLOCK_M={BLOCK_M}; eps calibrated to {DEFAULT_BUDGET} extras/token")
+          f"tiles at vLLM's default BLOCK_M for T; eps calibrated to {DEFAULT_BUDGET} extras/token")
     head = f"{'model':>17} {'T':>6} {'pairs+%':>8} {'tiles+%':>8}"
+    vllm_experts = _vllm_fused_experts() if timing else None
     if timing:
         peak_bw, peak_flops = measured_peaks(device)
         print(f"# measured peaks: copy {peak_bw / 1e9:.0f} GB/s, dense {dtype} matmul {peak_flops / 1e12:.0f} TFLOP/s")
-        head += f" {'stock us':>9} {'smooth us':>10} {'ratio':>6} {'gmm us':>8} {'vs gmm':>7} {'roofline':>8}"
+        print("# stock layer = torch topk+softmax + " + ("vLLM's fused_experts at k" if vllm_experts else
+              "our kernel at k (vLLM not importable here)") + "; smoothed layer = our routing kernel + our kernel")
+        head += (f" {'ours_k us':>9} {'ours_sm us':>10} {'ratio':>6} {'vllm_k us':>9} {'ours/vllm':>9}"
+                 f" {'layer':>6} {'goal':>5} {'graph':>6} {'roofline':>8}")
     print(head)
     g = torch.Generator(device="cpu").manual_seed(0)
     for name, (E, K, H, I) in MODEL_SHAPES.items():
@@ -117,42 +107,69 @@ def bench_experts(device: torch.device, dtype: torch.dtype, max_extra: int) -> N
             stock = route(scores, config, 0.0)
             smooth = route(scores, config, eps)
             base_pairs, pairs = int((stock.ids >= 0).sum()), int((smooth.ids >= 0).sum())
-            t_stock = int(tile_schedule(stock.ids, E, BLOCK_M).num_tiles)
-            t_smooth = int(tile_schedule(smooth.ids, E, BLOCK_M).num_tiles)
-            line = f"{name:>17} {T:>6} {100 * (pairs / base_pairs - 1):7.1f}% {100 * (t_smooth / t_stock - 1):7.1f}%"
+            block_m = default_tile_config(T, E).block_m
+            t_stock = int(tile_schedule(stock.ids, E, block_m).num_tiles)
+            t_smooth = int(tile_schedule(smooth.ids, E, block_m).num_tiles)
+            extra = pairs / base_pairs - 1
+            line = f"{name:>17} {T:>6} {100 * extra:7.1f}% {100 * (t_smooth / t_stock - 1):7.1f}%"
             if timing:
-                from smoothsmoe_kernels.experts_triton import moe_experts_triton
-
                 x = torch.randn(T, H, device=device, dtype=dtype)
-                us_stock = time_us(lambda: moe_experts_triton(x, w13, w2, stock.ids, stock.weights), device)
-                us_smooth = time_us(lambda: moe_experts_triton(x, w13, w2, smooth.ids, smooth.weights), device)
-                us_gmm = time_us(lambda: grouped_mm_experts(x, w13, w2, smooth.ids, smooth.weights), device)
-                touched = int(torch.unique(smooth.ids[smooth.ids >= 0]).numel())
-                bytes_moved = touched * 3 * H * I * w13.element_size() + 2 * T * H * x.element_size()
-                flops = pairs * 6 * H * I
-                roof = max(bytes_moved / peak_bw, flops / peak_flops) * 1e6
-                line += (f" {us_stock:9.1f} {us_smooth:10.1f} {us_smooth / us_stock:6.2f} {us_gmm:8.1f}"
-                         f" {us_smooth / us_gmm:7.2f} {roof / us_smooth:8.2f}")
-            print(line)
+                line += _time_layer(x, w13, w2, scores, config, eps, stock, smooth, vllm_experts, extra,
+                                    peak_bw, peak_flops)
+            print(line, flush=True)
 
 
-def grouped_mm_experts(x, w13, w2, ids, weights):
-    """The PyTorch grouped-GEMM baseline: torch._grouped_mm over pairs sorted by expert."""
-    T, H = x.shape
-    E = w13.shape[0]
-    W = ids.shape[1]
-    flat = ids.reshape(-1).long()
-    key = torch.where(flat >= 0, flat, E)
-    order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=E + 1)[:E]
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    xs = x[order // W]
-    h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
-    gate, up = h.chunk(2, dim=-1)
-    out = torch._grouped_mm((torch.nn.functional.silu(gate) * up).contiguous(), w2.transpose(1, 2), offs=offs)
-    yp = torch.zeros(T * W, H, device=x.device, dtype=torch.float32)
-    yp[order] = out.float() * weights.reshape(-1)[order, None]
-    return yp.view(T, W, H).sum(1).to(x.dtype)
+def _time_layer(x, w13, w2, scores, config, eps, stock, smooth, vllm_experts, extra, peak_bw, peak_flops) -> str:
+    """The CUDA columns of one row of bench experts."""
+    from smoothsmoe_kernels.experts_triton import moe_experts_triton
+    from smoothsmoe_kernels.routing_triton import smooth_topk_triton
+
+    device, (T, H), (E, _, I), K = x.device, x.shape, w13.shape, config.top_k
+    I //= 2
+    stock_ids = stock.ids[:, :K].contiguous()
+    stock_w = stock.weights[:, :K].contiguous()
+    us_k = time_us(lambda: moe_experts_triton(x, w13, w2, stock_ids, stock_w), device)
+    us_sm = time_us(lambda: moe_experts_triton(x, w13, w2, smooth.ids, smooth.weights), device)
+    if vllm_experts is not None:
+        def stock_experts(w, i):
+            return vllm_experts(x, w13, w2, w, i)
+        us_vllm = time_us(lambda: stock_experts(stock_w, stock_ids), device)
+    else:
+        def stock_experts(w, i):
+            return moe_experts_triton(x, w13, w2, i, w)
+        us_vllm = float("nan")
+    eps_t = torch.tensor(eps, device=device)
+    stats = StatsLayout(K, config.max_extra, E).new_buffer(device)
+
+    def smoothed_layer():
+        r, _ = smooth_topk_triton(scores, config, eps_t, stats=stats)
+        return moe_experts_triton(x, w13, w2, r.ids, r.weights)
+
+    def stock_layer():
+        w, i = stock_topk_softmax(scores, K)
+        return stock_experts(w, i)
+
+    layer = time_us(smoothed_layer, device) / time_us(stock_layer, device)
+    graph = "-"
+    if T <= GRAPH_MAX_T:
+        g_ours, why_ours = graph_time_us(smoothed_layer)
+        g_stock, why_stock = graph_time_us(stock_layer)
+        graph = f"{g_ours / g_stock:6.2f}" if g_ours and g_stock else f"FAIL {why_ours or why_stock}"
+    pairs = int((smooth.ids >= 0).sum())
+    touched = int(torch.unique(smooth.ids[smooth.ids >= 0]).numel())
+    bytes_moved = touched * 3 * H * I * w13.element_size() + 2 * T * H * x.element_size()
+    roof = max(bytes_moved / peak_bw, pairs * 6 * H * I / peak_flops) * 1e6
+    return (f" {us_k:9.1f} {us_sm:10.1f} {us_sm / us_k:6.2f} {us_vllm:9.1f} {us_k / us_vllm:9.2f}"
+            f" {layer:6.2f} {1 + extra + 0.03:5.2f} {graph:>6} {roof / us_sm:8.2f}")
+
+
+def _vllm_fused_experts():
+    """vLLM's own Triton experts, where vLLM is installed (a real GPU deployment); else None."""
+    try:
+        from vllm.model_executor.layers.fused_moe import fused_experts
+    except ImportError:
+        return None
+    return fused_experts
 
 
 def measured_peaks(device: torch.device) -> tuple[float, float]:
@@ -167,17 +184,29 @@ def measured_peaks(device: torch.device) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m smoothsmoe_kernels.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["routing", "experts"])
+    parser.add_argument("what", choices=["routing", "experts", "tune"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="routing scores dtype (default float32) / experts dtype (default bfloat16)")
     parser.add_argument("--max-extra", type=int, default=2)
+    parser.add_argument("--models", default=",".join(MODEL_SHAPES),
+                        help="tune: model shapes to tune (names from MODEL_SHAPES, or E:K:H:I)")
+    parser.add_argument("--tokens", default=",".join(map(str, TUNE_TOKENS)), help="tune: token buckets")
+    parser.add_argument("--out", default=None, help="tune: directory of the tables (default: the package's tuned/)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.what == "routing":
         bench_routing(device, getattr(torch, args.dtype or "float32"), args.max_extra)
-    else:
+    elif args.what == "experts":
         bench_experts(device, getattr(torch, args.dtype or "bfloat16"), args.max_extra)
+    else:
+        from smoothsmoe_kernels.tune import tune_experts
+
+        for spec in args.models.split(","):
+            E, K, H, I = MODEL_SHAPES[spec] if spec in MODEL_SHAPES else map(int, spec.split(":"))
+            path = tune_experts(E, K, H, I, getattr(torch, args.dtype or "bfloat16"), device,
+                                [int(t) for t in args.tokens.split(",")], args.max_extra, args.out)
+            print(f"# wrote {path}")
 
 
 if __name__ == "__main__":

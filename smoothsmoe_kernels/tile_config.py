@@ -91,7 +91,9 @@ def table_name(device_name: str, E: int, H: int, I: int, dtype: torch.dtype) -> 
     return f"E={E},H={H},I={I},dtype={dtype_name},device={device_name.replace(' ', '_')}.json"
 
 
-def device_name(device: torch.device) -> str:
+@lru_cache(maxsize=16)
+def device_key(device: torch.device) -> str:
+    """The device part of a table name: the GPU's name as CUDA reports it, or "cpu"."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
@@ -130,12 +132,8 @@ def save_tile_table(
 def tile_config(T: int, E: int, H: int, I: int, dtype: torch.dtype, device: torch.device,
                 directory: Path = TUNED_DIR) -> tuple[ExpertsTileConfig, str]:
     """The config for a call of T tokens, and where it came from ('tuned' or 'default')."""
-    table = load_tile_table(_device_name_cached(device), E, H, I, dtype, Path(directory))
+    table = load_tile_table(device_key(device), E, H, I, dtype, Path(directory))
     if table:
         return table[min(table, key=lambda bucket: (abs(bucket - T), bucket))], "tuned"
     return default_tile_config(T, E), "default"
 
-
-@lru_cache(maxsize=16)
-def _device_name_cached(device: torch.device) -> str:
-    return device_name(device)

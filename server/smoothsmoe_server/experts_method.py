@@ -17,15 +17,22 @@ for its own kernel.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
-from smoothsmoe_kernels import moe_experts
+from smoothsmoe_kernels import moe_experts, resolve_backend
+from smoothsmoe_kernels.tile_config import TUNED_DIR, device_key, load_tile_table
+
+logger = logging.getLogger("vllm.smoothsmoe")  # under "vllm": vLLM's log handlers and format
 
 
 class ActivePairsMoEMethod(UnquantizedFusedMoEMethod):
     """vLLM's unquantized MoE method with `apply` on active pairs only."""
+
+    backend = "auto"  # the Triton kernels on CUDA, the torch reference elsewhere
 
     @property
     def is_monolithic(self) -> bool:
@@ -36,11 +43,21 @@ class ActivePairsMoEMethod(UnquantizedFusedMoEMethod):
         layer.w13_weight.data = layer.w13_weight.data.contiguous()
         layer.w2_weight.data = layer.w2_weight.data.contiguous()
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
+        w13 = layer.w13_weight
+        if resolve_backend(self.backend, w13.device) == "triton":
+            E, two_I, H = w13.shape
+            name = device_key(w13.device)
+            table = load_tile_table(name, E, H, two_I // 2, w13.dtype)  # read once here, not in the forward
+            logger.info("smoothsmoe: experts E=%d H=%d I=%d %s on %s: %s", E, H, two_I // 2, w13.dtype, name,
+                        f"tuned tile table ({len(table)} token buckets)" if table else
+                        f"vLLM's default tile sizes (no tuned table in {TUNED_DIR}; "
+                        "python -m smoothsmoe_kernels.bench tune writes one)")
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
         # Shared experts are added by vLLM's runner, not here (it calls them
         # itself when the method has no modular kernel).
-        return torch.ops.smoothsmoe.experts(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights)
+        return torch.ops.smoothsmoe.experts(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
+                                            self.backend)
 
 
 def unsupported_reason(runner) -> str | None:
@@ -74,13 +91,13 @@ def install(runner) -> None:
 
 @torch.library.custom_op("smoothsmoe::experts", mutates_args=())
 def _experts_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
+                weights: torch.Tensor, backend: str) -> torch.Tensor:
     """The layer's expert sum. An op: opaque to torch.compile, whose tracing of
     vLLM's CPU path would otherwise meet the data-dependent pair counts."""
     active = torch.where(weights > 0, ids, -1)  # the router's padding slots carry weight 0
-    return moe_experts(x, w13, w2, active, weights.float())
+    return moe_experts(x, w13, w2, active, weights.float(), backend=backend)
 
 
 @_experts_op.register_fake
-def _(x, w13, w2, ids, weights):
+def _(x, w13, w2, ids, weights, backend):
     return torch.empty_like(x)

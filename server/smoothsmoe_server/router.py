@@ -20,7 +20,7 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
-from smoothsmoe_kernels import RoutingConfig, RoutingResult, StatsLayout, accumulate
+from smoothsmoe_kernels import RoutingConfig, RoutingResult, StatsLayout, accumulate, resolve_backend
 from smoothsmoe_kernels.routing import route_with_gaps, router_margin
 from smoothsmoe_kernels.routing_result import BandGaps
 from smoothsmoe_server.options import SmoothingOptions
@@ -34,6 +34,7 @@ class LayerCounters:
     def __init__(self, layout: StatsLayout, device: torch.device):
         self.layout = layout
         self.stats = layout.new_buffer(device)  # [layout.size] float64, counts
+        layout.edges_on(device)  # the kernel's margin edges, made now: a copy from the host cannot be captured
         M = layout.max_extra
         # Band gaps of the tokens seen while recording; the last row is a
         # scratch row that absorbs the writes of rows not kept.
@@ -89,6 +90,7 @@ class SmoothRouter(BaseRouter):
         self.eps = torch.tensor(eps, dtype=torch.float32, device=device)  # data: set in place, never re-traced
         self.counters = LayerCounters(StatsLayout(config.top_k, config.max_extra, num_experts), device)
         self.experts = "vllm"  # which experts computation the layer has: set by moe_patch
+        self.backend = "auto"  # the Triton kernel on CUDA, the torch reference elsewhere
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -102,10 +104,11 @@ class SmoothRouter(BaseRouter):
         """Route and count one step (inside the smoothsmoe::route op).
 
         On CUDA one Triton launch routes and counts; elsewhere the torch
-        reference routes and the counts are added after it.
+        reference routes and the counts are added after it. Either way no
+        host sync and fixed shapes on CUDA (tests/server/test_graph_safety.py).
         """
         valid = _real_rows(router_logits.shape[0], router_logits.device)
-        if router_logits.is_cuda:
+        if resolve_backend(self.backend, router_logits.device) == "triton":
             from smoothsmoe_kernels.routing_triton import smooth_topk_triton
 
             result, gaps = smooth_topk_triton(router_logits, self.config, self.eps, self.correction_bias,

@@ -1,0 +1,103 @@
+"""The CUDA code path of the kernels makes no host sync, no host copy, no data-sized allocation.
+
+The routing kernel (with its counts) and the experts kernels run here under
+Triton's interpreter; tests/graph_safety.py records their torch ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smoothsmoe_kernels import RoutingConfig, StatsLayout
+from smoothsmoe_kernels.experts_triton import moe_experts_triton
+from smoothsmoe_kernels.pairs import group_pairs_by_expert, tile_schedule
+from smoothsmoe_kernels.routing_triton import smooth_topk_triton
+from smoothsmoe_kernels.tile_config import ExpertsTileConfig
+from tests.graph_safety import record
+
+T, E, H, I = 24, 12, 32, 32
+CONFIG = RoutingConfig(top_k=2, max_extra=2)
+TILES = ExpertsTileConfig(block_m=16, block_n=32, block_k=32)
+
+
+def smoothed_layer(scores, x, w13, w2, eps, stats, valid):
+    result, _ = smooth_topk_triton(scores, CONFIG, eps, stats=stats, valid=valid)
+    return moe_experts_triton(x, w13, w2, result.ids, result.weights, config=TILES)
+
+
+def inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(T, E, generator=g), torch.randn(T, H, generator=g)
+
+
+def test_smoothed_layer_kernels_are_capturable():
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+    eps = torch.tensor(0.5)
+    stats = StatsLayout(2, 2, E).new_buffer("cpu")
+    valid = torch.arange(T) % 5 != 4
+    smoothed_layer(*inputs(0), w13, w2, eps, stats, valid)  # first call: per-device constants made here
+    runs = []
+    for seed in (1, 2):  # other routings, other pair counts per expert
+        scores, x = inputs(seed)
+        _, ops, forbidden = record(smoothed_layer, scores, x, w13, w2, eps, stats, valid)
+        assert forbidden == []
+        runs.append(ops)
+    assert runs[0] == runs[1], "the same ops and shapes whatever the data: nothing sized by data"
+    names = {name for name, _ in runs[0]}
+    assert "empty" in names  # the recorder sees the launchers' allocations
+
+
+def test_the_recorder_names_what_breaks_capture():
+    # The reference paths sync on purpose (they serve the CPU): the recorder must say so.
+    ids = torch.tensor([[3, 0], [0, -1]])
+    _, _, forbidden = record(group_pairs_by_expert, ids, 4)
+    assert any(f.startswith("nonzero") for f in forbidden) and any(f.startswith("bincount") for f in forbidden)
+    _, _, forbidden = record(lambda: torch.tensor([1.0, 2.0]) + 1)
+    assert forbidden and "host data" in forbidden[0]
+    _, _, forbidden = record(lambda t: t.tolist(), ids)
+    assert forbidden == ["Tensor.tolist (host read)"]
+
+
+def test_the_torch_tile_schedule_is_capturable_too():
+    ids = torch.randint(-1, E, (T, 4), generator=torch.Generator().manual_seed(3))
+    _, _, forbidden = record(tile_schedule, ids, E, 16)
+    assert forbidden == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("n_tokens", [1, 64, 333])
+def test_whole_smoothed_layer_replays_in_a_cuda_graph(n_tokens):
+    dev, dtype, (E_, K, H_, I_) = "cuda", torch.bfloat16, (64, 6, 256, 128)
+    config = RoutingConfig(top_k=K, max_extra=2)
+    g = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(E_, 2 * I_, H_, generator=g) / H_**0.5).to(dev, dtype)
+    w2 = (torch.randn(E_, H_, I_, generator=g) / I_**0.5).to(dev, dtype)
+    eps = torch.tensor(0.3, device=dev)
+    stats = StatsLayout(K, 2, E_).new_buffer(dev)
+    scores = torch.randn(n_tokens, E_, device=dev)  # the graph's static inputs
+    x = torch.randn(n_tokens, H_, device=dev, dtype=dtype)
+
+    def layer():
+        r, _ = smooth_topk_triton(scores, config, eps, stats=stats)
+        return moe_experts_triton(x, w13, w2, r.ids, r.weights)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer()  # compile and make the per-device constants outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = layer()
+    stats.zero_()
+    for seed in range(3):  # new inputs each replay: other experts, other pair counts
+        scores.copy_(torch.randn(n_tokens, E_, generator=torch.Generator().manual_seed(seed + 1)).to(dev))
+        x.copy_(torch.randn(n_tokens, H_, generator=torch.Generator().manual_seed(seed + 9)).to(dev, dtype))
+        graph.replay()
+        replayed = y_graph.clone()
+        eager = layer()  # the same kernels and tile config eagerly: bit for bit the same
+        assert torch.equal(replayed, eager)
+    torch.cuda.synchronize()
+    assert stats[0].item() == 2 * 3 * n_tokens  # three replays and three eager calls, each token once

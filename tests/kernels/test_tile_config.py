@@ -1,0 +1,85 @@
+"""Tile configs of the experts kernel: every candidate computes the same layer; tables load and are chosen."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from smoothsmoe_kernels import moe_experts, smooth_topk
+from smoothsmoe_kernels.experts_triton import moe_experts_triton
+from smoothsmoe_kernels.tile_config import (
+    CANDIDATES, ExpertsTileConfig, default_tile_config, load_tile_table, save_tile_table, table_name, tile_config,
+)
+from smoothsmoe_kernels.tune import tune_experts
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# I = 40 and H = 48: neither a multiple of any block size, so every candidate meets partial tiles.
+T, E, H, I = 21, 6, 48, 40
+
+
+def layer(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    w2 = torch.randn(E, H, I, generator=g) / I**0.5
+    r = smooth_topk(torch.randn(T, E, generator=g), 2, 0.5, 2, backend="torch")
+    return (t.to(DEV) for t in (x, w13, w2, r.ids, r.weights))
+
+
+@pytest.mark.parametrize("cfg", CANDIDATES, ids=lambda c: f"m{c.block_m}n{c.block_n}k{c.block_k}g{c.group_m}")
+def test_every_candidate_matches_the_reference(cfg):
+    x, w13, w2, ids, weights = layer()
+    tiles = torch.zeros(1, dtype=torch.int32, device=DEV)
+    y = moe_experts_triton(x, w13, w2, ids, weights, config=cfg, tiles_done=tiles)
+    # float32 without TF32 on both sides: only the summation order differs.
+    torch.testing.assert_close(y, moe_experts(x, w13, w2, ids, weights, backend="torch"), atol=2e-5, rtol=2e-5)
+    counts = torch.bincount(ids[ids >= 0].long().cpu(), minlength=E)
+    assert int(tiles) == int(((counts + cfg.block_m - 1) // cfg.block_m).sum())
+
+
+def test_defaults_follow_vllms_bf16_rules():
+    # vLLM 0.32 get_default_config for bf16, by hand: (M, N, K tiles, GROUP_SIZE_M, warps, stages)
+    assert default_tile_config(1, 128) == ExpertsTileConfig(16, 64, 128, 1, 4, 4)
+    assert default_tile_config(64, 128) == ExpertsTileConfig(32, 64, 128, 1, 4, 3)
+    assert default_tile_config(100, 128) == ExpertsTileConfig(64, 128, 64, 1, 4, 3)
+    assert default_tile_config(4096, 128) == ExpertsTileConfig(128, 128, 64, 1, 8, 3)  # 32 tokens an expert
+    assert default_tile_config(4096, 8) == ExpertsTileConfig(128, 128, 64, 16, 8, 3)  # 512: grouping pays
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError):
+        ExpertsTileConfig(24, 64, 64)
+    with pytest.raises(ValueError):
+        ExpertsTileConfig(16, 16, 64)  # two halves of 8 columns: below tl.dot's 16
+
+
+def test_a_tuned_table_is_loaded_and_the_nearest_bucket_chosen(tmp_path):
+    device = torch.device(DEV)
+    small, large = ExpertsTileConfig(16, 32, 32), ExpertsTileConfig(32, 64, 16, 2, 8, 4)
+    assert tile_config(T, E, H, I, torch.float32, device, tmp_path) == (default_tile_config(T, E), "default")
+    save_tile_table({1: small, 64: large}, "cpu" if DEV == "cpu" else torch.cuda.get_device_name(), E, H, I,
+                    torch.float32, tmp_path)
+    assert tile_config(20, E, H, I, torch.float32, device, tmp_path) == (small, "tuned")
+    assert tile_config(40, E, H, I, torch.float32, device, tmp_path) == (large, "tuned")
+    assert tile_config(32, E, H, I, torch.float32, device, tmp_path)[0] == small  # ties to the smaller bucket
+    assert tile_config(40, E, H, I, torch.bfloat16, device, tmp_path)[1] == "default"  # another dtype: no table
+
+
+def test_a_malformed_table_fails_loudly(tmp_path):
+    (tmp_path / table_name("cpu", E, H, I, torch.float32)).write_text(json.dumps({"configs": {"1": {"block_m": 3}}}))
+    with pytest.raises(ValueError, match="malformed"):
+        load_tile_table("cpu", E, H, I, torch.float32, tmp_path)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="on a GPU, bench tune is run for real")
+def test_tune_writes_a_table_the_kernel_then_uses(tmp_path):
+    # Timings in the interpreter mean nothing; the mechanics are what is checked.
+    cands = (ExpertsTileConfig(16, 32, 32), ExpertsTileConfig(32, 32, 16))
+    path = tune_experts(E, 2, H, I, torch.float32, torch.device("cpu"), [1, 16], out_dir=tmp_path,
+                        candidates=cands, min_time=0.0)
+    table = load_tile_table("cpu", E, H, I, torch.float32, tmp_path)
+    assert path.is_file() and set(table) == {1, 16}
+    assert all(cfg in (*cands, default_tile_config(1, E), default_tile_config(16, E)) for cfg in table.values())
+    assert tile_config(16, E, H, I, torch.float32, torch.device("cpu"), tmp_path) == (table[16], "tuned")
