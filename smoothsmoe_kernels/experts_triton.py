@@ -142,6 +142,18 @@ def _slot_sum_kernel(
              mask=t_ok[:, None] & h_ok[None, :])
 
 
+FP32_STAGE_BYTES = 96 * 1024  # shared memory the pipeline of a float32 call may take
+
+
+def _stages(config: ExpertsTileConfig, element_size: int) -> int:
+    """The config's pipeline depth; fewer stages for float32 inputs, whose tiles take twice the
+    shared memory the bf16 configs (vLLM's defaults, the tuned tables) were chosen for."""
+    if element_size < 4:
+        return config.num_stages
+    per_stage = (config.block_m * config.block_k + config.block_k * config.block_n) * element_size
+    return max(1, min(config.num_stages, FP32_STAGE_BYTES // per_stage))
+
+
 def moe_experts_triton(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -178,7 +190,7 @@ def moe_experts_triton(
     h, yp = work[: T * W * I].view(T * W, I), work[T * W * I :].view(T * W, H)
     ieee = x.dtype == torch.float32  # no TF32 for float32 inputs: the reference is exact float32
     common = dict(BLOCK_M=config.block_m, BLOCK_K=config.block_k, GROUP_M=config.group_m, IEEE=ieee,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
+                  num_warps=config.num_warps, num_stages=_stages(config, x.element_size()))
     _moe_gate_up_kernel[(grid_tiles * triton.cdiv(I, config.block_n // 2),)](
         x, w13, h, sched.flat_slot, sched.expert, sched.row, sched.rows, sched.num_tiles,
         tiles_done if tiles_done is not None else sched.num_tiles,

@@ -1,7 +1,8 @@
 """_chunk_counts_kernel, _tile_offsets_kernel, _pair_scatter_kernel + tile_schedule_triton().
 
 The experts kernel's tile schedule (pairs.TileSchedule) in three small
-launches, the job vLLM's `moe_align_block_size` CUDA op does for its kernel.
+launches (one, _one_chunk_schedule_kernel, when every slot fits one chunk, as
+in decode), the job vLLM's `moe_align_block_size` CUDA op does for its kernel.
 The flat slots of ids [T, W] are cut into chunks of CHUNK slots:
 
   1. per chunk (one program each): active pairs of each expert in the chunk
@@ -52,26 +53,16 @@ def _chunk_counts_kernel(ids_ptr, counts_ptr, P, E: tl.constexpr, E_PAD: tl.cons
 
 
 @triton.jit
-def _tile_offsets_kernel(
-    counts_ptr, pair_start_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, num_chunks, grid_tiles,
-    E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_ROWS: tl.constexpr, TILE_ROWS: tl.constexpr,
+def _tile_table(
+    counts, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, grid_tiles,
+    E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
 ):
-    """The only program: chunk bases (in place of the chunk counts), expert offsets, the tile table."""
+    """From the pairs per expert counts [E_PAD]: write the tile table; return each expert's first sorted pair."""
     cols = tl.arange(0, E_PAD)
-    running = tl.zeros((E_PAD,), tl.int32)
-    for c0 in range(0, num_chunks, CHUNK_ROWS):
-        chunks = c0 + tl.arange(0, CHUNK_ROWS)
-        ptrs = counts_ptr + chunks[:, None] * E_PAD + cols[None, :]
-        ok = (chunks < num_chunks)[:, None]
-        cnt = tl.load(ptrs, mask=ok, other=0)
-        tl.store(ptrs, tl.cumsum(cnt, axis=0) - cnt + running[None, :], mask=ok)  # exclusive, per expert
-        running += tl.sum(cnt, axis=0)
-    counts = running  # [E_PAD] active pairs per expert (0 past E)
     tiles = (counts + BLOCK_M - 1) // BLOCK_M
     tiles_end = tl.cumsum(tiles, axis=0)
     tiles_first = tiles_end - tiles
     pair_start = tl.cumsum(counts, axis=0) - counts
-    tl.store(pair_start_ptr + cols, pair_start)
     num_tiles = tl.sum(tiles, axis=0)
     tl.store(num_tiles_ptr, num_tiles)
     for t0 in range(0, grid_tiles, TILE_ROWS):
@@ -87,6 +78,49 @@ def _tile_offsets_kernel(
         tl.store(expert_ptr + t, tl.where(live, e, E), mask=in_grid)
         tl.store(row_ptr + t, tl.where(live, start + nth * BLOCK_M, 0), mask=in_grid)
         tl.store(rows_ptr + t, tl.where(live, tl.minimum(left, BLOCK_M), 0), mask=in_grid)
+    return pair_start
+
+
+@triton.jit
+def _tile_offsets_kernel(
+    counts_ptr, pair_start_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, num_chunks, grid_tiles,
+    E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_ROWS: tl.constexpr, TILE_ROWS: tl.constexpr,
+):
+    """The only program: chunk bases (in place of the chunk counts), expert offsets, the tile table."""
+    cols = tl.arange(0, E_PAD)
+    running = tl.zeros((E_PAD,), tl.int32)
+    for c0 in range(0, num_chunks, CHUNK_ROWS):
+        chunks = c0 + tl.arange(0, CHUNK_ROWS)
+        ptrs = counts_ptr + chunks[:, None] * E_PAD + cols[None, :]
+        ok = (chunks < num_chunks)[:, None]
+        cnt = tl.load(ptrs, mask=ok, other=0)
+        tl.store(ptrs, tl.cumsum(cnt, axis=0) - cnt + running[None, :], mask=ok)  # exclusive, per expert
+        running += tl.sum(cnt, axis=0)
+    pair_start = _tile_table(running, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, grid_tiles,
+                             E, E_PAD, BLOCK_M, TILE_ROWS)
+    tl.store(pair_start_ptr + cols, pair_start)
+
+
+@triton.jit
+def _one_chunk_schedule_kernel(
+    ids_ptr, flat_slot_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, P, grid_tiles,
+    E: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
+):
+    """The only program, when all slots fit one chunk (decode): steps 1 to 3 in one launch."""
+    offs, e, onehot = _chunk_onehot(ids_ptr, 0, P, E, E_PAD, CHUNK)
+    pair_start = _tile_table(tl.sum(onehot, axis=0), expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, grid_tiles,
+                             E, E_PAD, BLOCK_M, TILE_ROWS)
+    _scatter(onehot, offs, e, pair_start, tl.zeros((E_PAD,), tl.int32), flat_slot_ptr, P, E, E_PAD)
+
+
+@triton.jit
+def _scatter(onehot, offs, e, pair_start, base, flat_slot_ptr, P, E: tl.constexpr, E_PAD: tl.constexpr):
+    """Each active slot of a chunk to pair_start[e] + base[e] + its rank among the chunk's slots of e."""
+    before = tl.cumsum(onehot, axis=0) - onehot  # same-expert slots earlier in the chunk
+    rank = tl.sum(before * onehot, axis=1)
+    start = tl.sum(onehot * (pair_start + base)[None, :], axis=1)  # 0 for inactive slots
+    active = (e >= 0) & (e < E) & (offs < P)
+    tl.store(flat_slot_ptr + start + rank, offs, mask=active)
 
 
 @triton.jit
@@ -97,13 +131,9 @@ def _pair_scatter_kernel(
     """One program: the active slots of chunk program_id(0) to their sorted positions."""
     chunk = tl.program_id(0)
     offs, e, onehot = _chunk_onehot(ids_ptr, chunk, P, E, E_PAD, CHUNK)
-    before = tl.cumsum(onehot, axis=0) - onehot  # same-expert slots earlier in the chunk
-    rank = tl.sum(before * onehot, axis=1)
-    active = (e >= 0) & (e < E) & (offs < P)
-    e_safe = tl.where(active, e, 0)
-    base = tl.load(bases_ptr + chunk * E_PAD + e_safe, mask=active, other=0)
-    start = tl.load(pair_start_ptr + e_safe, mask=active, other=0)
-    tl.store(flat_slot_ptr + start + base + rank, offs, mask=active)
+    cols = tl.arange(0, E_PAD)
+    base = tl.load(bases_ptr + chunk * E_PAD + cols)
+    _scatter(onehot, offs, e, tl.load(pair_start_ptr + cols), base, flat_slot_ptr, P, E, E_PAD)
 
 
 ONEHOT_ELEMENTS = 8192  # CHUNK x E_PAD per program: a register-sized one-hot
@@ -123,11 +153,18 @@ def tile_schedule_triton(ids: torch.Tensor, num_experts: int, block_m: int) -> T
     counts, pair_start, flat_slot, expert, row, rows, num_tiles = torch.empty(
         sum(n), dtype=torch.int32, device=ids.device).split(n)
     flat = ids.reshape(-1)
-    _chunk_counts_kernel[(num_chunks,)](flat, counts, P, E=E, E_PAD=E_PAD, CHUNK=chunk)
-    _tile_offsets_kernel[(1,)](
-        counts, pair_start, expert, row, rows, num_tiles, num_chunks, grid_tiles,
-        E=E, E_PAD=E_PAD, BLOCK_M=block_m, CHUNK_ROWS=max(1, ONEHOT_ELEMENTS // E_PAD // 2),
-        TILE_ROWS=max(16, ONEHOT_ELEMENTS // E_PAD // 2),
-    )
-    _pair_scatter_kernel[(num_chunks,)](flat, counts, pair_start, flat_slot, P, E=E, E_PAD=E_PAD, CHUNK=chunk)
+    tile_rows = max(16, ONEHOT_ELEMENTS // E_PAD // 2)
+    if num_chunks == 1:  # decode-sized: one launch instead of three
+        _one_chunk_schedule_kernel[(1,)](
+            flat, flat_slot, expert, row, rows, num_tiles, P, grid_tiles,
+            E=E, E_PAD=E_PAD, CHUNK=chunk, BLOCK_M=block_m, TILE_ROWS=tile_rows,
+        )
+    else:
+        _chunk_counts_kernel[(num_chunks,)](flat, counts, P, E=E, E_PAD=E_PAD, CHUNK=chunk)
+        _tile_offsets_kernel[(1,)](
+            counts, pair_start, expert, row, rows, num_tiles, num_chunks, grid_tiles,
+            E=E, E_PAD=E_PAD, BLOCK_M=block_m, CHUNK_ROWS=max(1, ONEHOT_ELEMENTS // E_PAD // 2),
+            TILE_ROWS=tile_rows,
+        )
+        _pair_scatter_kernel[(num_chunks,)](flat, counts, pair_start, flat_slot, P, E=E, E_PAD=E_PAD, CHUNK=chunk)
     return TileSchedule(flat_slot=flat_slot, expert=expert, row=row, rows=rows, num_tiles=num_tiles.view(()))

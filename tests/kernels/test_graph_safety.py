@@ -16,6 +16,7 @@ from smoothsmoe_kernels.routing_triton import smooth_topk_triton
 from smoothsmoe_kernels.tile_config import ExpertsTileConfig
 from tests.graph_safety import record
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 T, E, H, I = 24, 12, 32, 32
 CONFIG = RoutingConfig(top_k=2, max_extra=2)
 TILES = ExpertsTileConfig(block_m=16, block_n=32, block_k=32)
@@ -28,15 +29,15 @@ def smoothed_layer(scores, x, w13, w2, eps, stats, valid):
 
 def inputs(seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(T, E, generator=g), torch.randn(T, H, generator=g)
+    return torch.randn(T, E, generator=g).to(DEV), torch.randn(T, H, generator=g).to(DEV)
 
 
 def test_smoothed_layer_kernels_are_capturable():
     g = torch.Generator().manual_seed(0)
-    w13, w2 = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
-    eps = torch.tensor(0.5)
-    stats = StatsLayout(2, 2, E).new_buffer("cpu")
-    valid = torch.arange(T) % 5 != 4
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g).to(DEV), torch.randn(E, H, I, generator=g).to(DEV)
+    eps = torch.tensor(0.5, device=DEV)
+    stats = StatsLayout(2, 2, E).new_buffer(DEV)
+    valid = torch.arange(T, device=DEV) % 5 != 4
     smoothed_layer(*inputs(0), w13, w2, eps, stats, valid)  # first call: per-device constants made here
     runs = []
     for seed in (1, 2):  # other routings, other pair counts per expert
