@@ -30,6 +30,7 @@ MARGIN_EDGES = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 
 
 _TOKENS, _ACTIVE, _EXTRAS, _CAPPED, _MARGIN_SUM = range(5)
 _HEAD = 5
+TOKENS_INDEX, EXTRAS_INDEX = _TOKENS, _EXTRAS  # what the online eps controller reads
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,8 +73,10 @@ PANELS = [
            (f"smoothsmoe:capped_rate:ratio5m{{{ML}}}", "layer {{layer}}")], 8, 18, unit="percentunit"),
     Panel("eps per layer",
           "The band width of each layer, in router-score units (logits for softmax routers), as calibrated "
-          "at start-up or set by --smooth-eps.",
-          [(f'smoothsmoe_epsilon{{layer=~"$layer"}} {JOIN}', "layer {{layer}}")], 16, 18),
+          "at start-up or set by --smooth-eps. With --smooth-eps online it moves with the traffic, between "
+          "the dashed bounds; eps resting on a bound means the budget is out of reach for that layer.",
+          [(f'smoothsmoe_epsilon{{layer=~"$layer"}} {JOIN}', "layer {{layer}}"),
+           (f'smoothsmoe_epsilon_bound{{layer=~"$layer"}} {JOIN}', "layer {{layer}} {{bound}}")], 16, 18),
     Panel("Boundary mass P(margin <= w)",
           "Share of tokens whose top-k margin z(k) - z(k+1) is at most w, for each histogram edge w (the "
           "boundary mass of the soft-to-hard analysis). The share at w = eps is about the order-1 rate.",

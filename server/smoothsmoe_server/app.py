@@ -29,13 +29,14 @@ from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
 from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
-from smoothsmoe_server.eps import EpsPlan
+from smoothsmoe_server.eps import EpsPlan, eps_log_line
 from smoothsmoe_server.metrics import RoutingMetrics
 from smoothsmoe_server.options import SmoothingOptions
 
 logger = logging.getLogger("vllm.smoothsmoe")  # under "vllm": vLLM's log handlers and format
 SNAPSHOT_MAX_AGE_S = 0.25  # scrapes closer together than this share one worker read
 GRACEFUL_SHUTDOWN_S = 10  # after SIGTERM, how long open connections may take to finish
+EPS_LOG_INTERVAL_S = 1.0  # --smooth-eps-log: one line a second
 
 
 async def run_server(args, options: SmoothingOptions) -> None:
@@ -53,11 +54,30 @@ async def run_server(args, options: SmoothingOptions) -> None:
         app.include_router(routes)
         await init_app_state(engine, app.state, args, tasks)
         logger.info("smoothsmoe: serving on %s", listen_address)
-        shutdown = await serve_http(app, sock=sock, **uvicorn_options(args))
+        eps_log = asyncio.create_task(write_eps_log(engine, options.eps_log)) if options.eps_log else None
+        try:
+            shutdown = await serve_http(app, sock=sock, **uvicorn_options(args))
+        finally:
+            if eps_log is not None:
+                eps_log.cancel()
     try:
         await shutdown  # after the engine context exits, as vLLM's run_server_worker does
     finally:
         sock.close()
+
+
+async def write_eps_log(engine, path: str, interval_s: float = EPS_LOG_INTERVAL_S) -> None:
+    """Append every smoothed layer's eps and counts to `path` each interval (--smooth-eps-log)."""
+    with open(path, "a") as f:
+        while True:
+            try:
+                snapshot = (await engine.collective_rpc("smoothsmoe_snapshot"))[0]
+            except Exception:  # an engine going down: the log ends, serving is not its business
+                logger.exception("smoothsmoe: eps log stopped")
+                return
+            f.write(eps_log_line(snapshot, time.time()))
+            f.flush()
+            await asyncio.sleep(interval_s)
 
 
 def uvicorn_options(args) -> dict:

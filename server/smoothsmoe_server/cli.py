@@ -24,8 +24,16 @@ MIDDLEWARE = ["smoothsmoe_server.app.MetricsRefresh", "smoothsmoe_server.app.Ope
 FLAG_HELP = {
     "enabled": "Smoothed routing on or off. Off serves stock top-k routing, still counted in /metrics.",
     "eps": "Band width per layer, in router-score units: a number (all layers), a JSON file from "
-    "`smoothsmoe calibrate`, or 'auto': calibrated to --smooth-budget at start-up.",
-    "budget": "Target mean extra experts per token for eps=auto (the paper's k + 0.5 is 0.5).",
+    "`smoothsmoe calibrate` (or the last line of a --smooth-eps-log file), 'auto': calibrated to "
+    "--smooth-budget at start-up, then fixed, or 'online': calibrated, then each layer's eps follows its "
+    "traffic to hold the budget.",
+    "budget": "Target mean extra experts per token for eps=auto and online (the paper's k + 0.5 is 0.5).",
+    "eps_window": "eps=online: tokens a layer routes between two updates of its eps (default 1024; each "
+    "update corrects half the error, so a shift settles in about 8 windows).",
+    "eps_range": "eps=online: each layer's eps stays within [eps0 / range, eps0 * range] of its calibrated eps0 "
+    "(default 16); smoothsmoe_epsilon_bound shows the bounds.",
+    "eps_log": "A file to append every layer's eps and counts to, once a second (JSON lines); its last line "
+    "is a valid --smooth-eps file, to pin a tuned state.",
     "max_extra": "Cap on extra experts per token; MoE layers run at width top_k + max_extra.",
     "experts": "Experts computation of smoothed layers: 'smoothsmoe' (this project's kernel: active pairs only; "
     "Triton on CUDA, torch elsewhere), 'vllm' (vLLM's own kernel, which also computes the inactive slots, "

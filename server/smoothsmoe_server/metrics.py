@@ -46,6 +46,10 @@ class RoutingMetrics(Collector):
         margin = HistogramMetricFamily("smoothsmoe_router_margin",
                                        "Router margin z(k) - z(k+1) per token, in score units.", labels=["layer"])
         eps = GaugeMetricFamily("smoothsmoe_epsilon", "The layer's band width eps, in score units.", labels=["layer"])
+        bounds = GaugeMetricFamily("smoothsmoe_epsilon_bound",
+                                   "With --smooth-eps online: the least and greatest eps the layer's controller may "
+                                   "set. eps held at one for long: the budget is out of reach.",
+                                   labels=["layer", "bound"])
         smoothed = GaugeMetricFamily("smoothsmoe_layer_smoothed",
                                      "1 if the layer routes smoothed, 0 if it keeps stock top-k.", labels=["layer"])
         experts = GaugeMetricFamily("smoothsmoe_layer_experts",
@@ -72,6 +76,9 @@ class RoutingMetrics(Collector):
                 buckets.append(("+Inf" if edge == float("inf") else repr(edge), cumulative))
             margin.add_metric([layer], buckets, st.margin_sum)
             eps.add_metric([layer], s["eps"])
+            if s.get("eps_bounds"):
+                bounds.add_metric([layer, "min"], s["eps_bounds"][0])
+                bounds.add_metric([layer, "max"], s["eps_bounds"][1])
             smoothed.add_metric([layer], 1.0 if s["smoothed"] else 0.0)
             experts.add_metric([layer, s["experts"]], 1.0)
         info = GaugeMetricFamily("smoothsmoe_config_info", "Smoothing configuration (value is always 1).",
@@ -84,4 +91,4 @@ class RoutingMetrics(Collector):
             info.add_metric([",".join(map(str, sorted(top_ks))), str(o.max_extra), str(o.budget),
                              "on" if o.enabled else "off", o.model], 1.0)
             budget.add_metric([], o.budget if o.enabled else 0.0)
-        yield from (tokens, active, extras, hits, capped, margin, eps, load, smoothed, experts, info, budget)
+        yield from (tokens, active, extras, hits, capped, margin, eps, bounds, load, smoothed, experts, info, budget)

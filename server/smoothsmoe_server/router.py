@@ -21,6 +21,7 @@ from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
 from smoothsmoe_kernels import RoutingConfig, RoutingResult, StatsLayout, accumulate, resolve_backend
+from smoothsmoe_kernels.eps_control import EpsControl, EpsController
 from smoothsmoe_kernels.routing import route_with_gaps, router_margin
 from smoothsmoe_kernels.routing_result import BandGaps
 from smoothsmoe_server.options import SmoothingOptions
@@ -91,6 +92,10 @@ class SmoothRouter(BaseRouter):
         self.counters = LayerCounters(StatsLayout(config.top_k, config.max_extra, num_experts), device)
         self.experts = "vllm"  # which experts computation the layer has: set by moe_patch
         self.backend = "auto"  # the Triton kernel on CUDA, the torch reference elsewhere
+        # --smooth-eps online: moves self.eps to hold the budget (armed after calibration)
+        self.controller = EpsController(
+            EpsControl(options.budget, options.eps_window, eps_range=options.eps_range), self.eps,
+            self.counters.stats) if options.online else None
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -117,6 +122,8 @@ class SmoothRouter(BaseRouter):
             result, gaps = route_with_gaps(router_logits, self.config, self.eps, self.correction_bias)
             self.counters.count(result, valid)
         self.counters.record(gaps, valid)
+        if self.controller is not None:
+            self.controller.step()
         return for_vllm_experts(result)
 
     def route_uncounted(self, router_logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

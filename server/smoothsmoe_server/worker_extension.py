@@ -38,6 +38,8 @@ class SmoothWorkerExtension:
                 raise RuntimeError(f"calibration saw no tokens in {r.layer_name}")
             cal = calibrate_gaps(gaps, r.config.max_extra, budget)
             r.eps.fill_(cal.eps)
+            if r.controller is not None:
+                r.controller.arm()  # online: from the calibrated eps on
             out[r.layer_index] = {"eps": cal.eps, "mean_extras": cal.mean_extras, "tokens": gaps.gaps.shape[0],
                                   "reached": cal.reached}
         return out
@@ -70,6 +72,7 @@ class SmoothWorkerExtension:
                     "max_extra": r.config.max_extra,
                     "num_experts": r.counters.layout.num_experts,
                     "eps": float(r.eps),
+                    "eps_bounds": _eps_bounds(r),
                     "margin_edges": list(r.counters.layout.margin_edges),
                     "stats": r.counters.stats.tolist(),
                 }
@@ -86,3 +89,9 @@ class SmoothWorkerExtension:
             if isinstance(getattr(m, "router", None), SmoothRouter) and m.router.layer_index == layer_index:
                 return probe_layer(m, m.router, rel_steps, seed)
         raise ValueError(f"no smoothed MoE layer {layer_index}")
+
+
+def _eps_bounds(router) -> list[float] | None:
+    """[min, max] of an online layer's eps, None where eps does not move."""
+    c = getattr(router, "controller", None)
+    return None if c is None else [float(c.lo), float(c.hi)]

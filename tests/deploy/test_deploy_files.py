@@ -66,7 +66,7 @@ def test_dashboard_uses_only_recorded_or_exported_series():
     """Every smoothsmoe series a panel names is a recording rule or a metric the server exports."""
     rules = yaml.safe_load((DEPLOY / "prometheus" / "rules" / "smoothsmoe.rules.yml").read_text())
     recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
-    exported = {"smoothsmoe_epsilon", "smoothsmoe_extra_budget", "smoothsmoe_config_info",
+    exported = {"smoothsmoe_epsilon", "smoothsmoe_epsilon_bound", "smoothsmoe_extra_budget", "smoothsmoe_config_info",
                 "smoothsmoe_tokens_routed_total"}
     for panel in load_dashboard().PANELS:
         for expr, _ in panel.targets:

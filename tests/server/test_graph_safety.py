@@ -1,7 +1,7 @@
 """A smoothed layer's forward on the CUDA code path, as vLLM calls it, is capturable in a CUDA graph.
 
 The router (routing kernel, in-kernel counts, the calibration recorder, the
-ids handed to vLLM) and the experts op run with their Triton backends, under
+online eps controller, the ids handed to vLLM) and the experts op run with their Triton backends, under
 Triton's interpreter here; tests/graph_safety.py records their torch ops and
 fails on any that would sync with the host, copy from it, or size by data.
 """
@@ -21,8 +21,9 @@ T, E, H, I = 20, 8, 32, 32
 
 def test_smoothed_layer_forward_is_capturable():
     config = RoutingConfig(top_k=2, max_extra=2)
-    router = SmoothRouter(config, E, "model.layers.0.mlp.experts", 0, 0.5, None, torch.device("cpu"),
-                          SmoothingOptions())
+    options = SmoothingOptions(eps="online", eps_window=16)  # the controller runs in the forward too
+    router = SmoothRouter(config, E, "model.layers.0.mlp.experts", 0, 0.5, None, torch.device("cpu"), options)
+    router.controller.arm()
     router.backend = "triton"  # what "auto" picks on CUDA
     g = torch.Generator().manual_seed(0)
     w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
@@ -35,12 +36,14 @@ def test_smoothed_layer_forward_is_capturable():
     runs = []
     for seed in (1, 2, 3):
         logits, x = torch.randn(T, E, generator=g), torch.randn(T, H, generator=g)
+        eps = float(router.eps)  # the controller may move it after this forward's routing
         y, ops, forbidden = record(forward, logits, x)
         assert forbidden == []
         runs.append(ops)
         # and it computes the layer: the torch reference at the same routing
-        weights, ids = router.route_uncounted(logits, 0.5)
+        weights, ids = router.route_uncounted(logits, eps)
         active = torch.where(weights > 0, ids, -1)
         torch.testing.assert_close(y, moe_experts(x, w13, w2, active, weights, backend="torch"), atol=2e-5, rtol=2e-5)
     assert runs[0] == runs[1] == runs[2]
     assert int(router.counters.stats[0]) == 3 * T  # every token counted once, in the kernel
+    assert int(router.controller.updates) == 3  # a window of 16 closed in each forward of 20 tokens

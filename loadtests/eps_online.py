@@ -1,0 +1,184 @@
+"""Fixed against online eps over a traffic shift: extras per token and eps against time.
+
+    python -m loadtests.eps_online [--phase-s 40] [--out DIR]
+
+Starts `smoothsmoe serve` twice, one after the other (fixed: --smooth-eps auto;
+online: --smooth-eps online), on loadtests.drift_model (the default model with
+a second "language" in its vocabulary: the default model's random weights
+route any text alike, see there), and sends each the same two traffic mixes in
+turn:
+  A  the built-in calibration prompts (the traffic auto calibrated eps on)
+  B  prompts of the drift tokens (router inputs auto never saw)
+Every SAMPLE_S it reads /metrics: each layer's eps, and its extras per token
+over the tokens routed since the last sample. Writes eps_online.json and
+eps_online.png (extras per token and eps against time, fixed dashed, online
+solid) and prints each layer's mean extras per token over the second half of
+each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
+
+from loadtests.drift_model import drift_token_ids, ensure_drift_model
+from loadtests.server_process import ServerProcess
+
+SAMPLE_S = 0.5
+CONCURRENCY = 8
+DRIFT_PROMPT_TOKENS = 96  # short: tokens of one prompt route alike, so many prompts make a steady mean
+
+
+def read_layers(url: str, headers: dict | None = None) -> dict[str, dict[str, float]]:
+    """{layer: {"tokens", "extras", "eps"}} from the server's /metrics."""
+    names = {"smoothsmoe_tokens_routed_total": "tokens", "smoothsmoe_extra_experts_total": "extras",
+             "smoothsmoe_epsilon": "eps"}
+    out: dict[str, dict[str, float]] = {}
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in names:
+                out.setdefault(s.labels["layer"], {})[names[s.name]] = s.value
+    return out
+
+
+def mix_prompt(mix: str, rng: random.Random) -> str | list[int]:
+    if mix == "A":
+        return rng.choice(CALIBRATION_PROMPTS)
+    drift = drift_token_ids()
+    return [rng.choice(drift) for _ in range(DRIFT_PROMPT_TOKENS)]
+
+
+async def send(url: str, model: str, mix: str, seconds: float, api_key: str, seed: int) -> None:
+    """CONCURRENCY clients sending mix requests back to back for `seconds`."""
+    rng = random.Random(seed)
+    stop = time.monotonic() + seconds
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=600) as client:
+        async def client_loop() -> None:
+            while time.monotonic() < stop:
+                await client.completions.create(model=model, prompt=mix_prompt(mix, rng), max_tokens=8,
+                                                temperature=0.0, extra_body={"ignore_eos": True})
+        await asyncio.gather(*(client_loop() for _ in range(CONCURRENCY)))
+
+
+async def run_phases(url: str, model: str, phases: list[tuple[str, float]], api_key: str = "none",
+                     seed: int = 0) -> list[dict]:
+    """Send each (mix, seconds) in turn; sample every layer every SAMPLE_S. Returns the samples."""
+    headers = {"Authorization": f"Bearer {api_key}"}
+    samples: list[dict] = []
+    start = time.monotonic()
+
+    async def sample(phase: str, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            layers = await asyncio.to_thread(read_layers, url, headers)
+            samples.append({"t": time.monotonic() - start, "phase": phase, "layers": layers})
+            try:
+                await asyncio.wait_for(stop.wait(), SAMPLE_S)
+            except TimeoutError:
+                pass
+
+    for i, (mix, seconds) in enumerate(phases):
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample(mix, stop))
+        await send(url, model, mix, seconds, api_key, seed + i)
+        stop.set()
+        await sampler
+    return samples
+
+
+def window_extras(samples: list[dict], phase: str, t_from: float, t_to: float = float("inf")) -> dict[str, float]:
+    """Per layer: extras / tokens routed between the first and last sample of `phase` within [t_from, t_to]."""
+    picked = [s for s in samples if s["phase"] == phase and t_from <= s["t"] <= t_to]
+    first, last = picked[0]["layers"], picked[-1]["layers"]
+    return {layer: (last[layer]["extras"] - first[layer]["extras"])
+            / max(1.0, last[layer]["tokens"] - first[layer]["tokens"]) for layer in last}
+
+
+def series(samples: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
+    """Per layer: (t, extras per token since the previous sample, eps) for each sample after the first."""
+    out: dict[str, list] = {}
+    for prev, cur in zip(samples, samples[1:]):
+        for layer, c in cur["layers"].items():
+            p = prev["layers"][layer]
+            tokens = c["tokens"] - p["tokens"]
+            if tokens > 0:
+                out.setdefault(layer, []).append((cur["t"], (c["extras"] - p["extras"]) / tokens, c["eps"]))
+    return out
+
+
+def plot(runs: dict[str, list[dict]], budget: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_x, ax_e) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for name, samples in runs.items():
+        style = "--" if name == "fixed" else "-"
+        for i, (layer, points) in enumerate(sorted(series(samples).items())):
+            t, extras, eps = zip(*points)
+            color = f"C{i}"
+            ax_x.plot(t, extras, style, color=color, lw=1, label=f"{name}, layer {layer}")
+            ax_e.plot(t, eps, style, color=color, lw=1)
+        shift = next(s["t"] for s in samples if s["phase"] == "B")
+        for ax in (ax_x, ax_e):
+            ax.axvline(shift, color="grey", lw=0.8)
+    ax_x.axhline(budget, color="black", lw=0.8)
+    ax_x.set_ylabel("extras per token")
+    ax_e.set_ylabel("eps")
+    ax_e.set_xlabel("seconds (grey line: traffic shifts from prompts A to random tokens B)")
+    ax_x.legend(fontsize=7, ncol=2)
+    ax_x.set_title("--smooth-eps auto (dashed) against online (solid), budget 0.5")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m loadtests.eps_online", description=__doc__.splitlines()[0])
+    ap.add_argument("--phase-s", type=float, default=40.0, help="seconds of each traffic mix")
+    ap.add_argument("--window", type=int, default=1024, help="--smooth-eps-window of the online server")
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "smoothsmoe-drift-model",
+                    help="where the drift model is built (once)")
+    args = ap.parse_args(argv)
+    model_path = ensure_drift_model(args.model_dir)
+    configs = {"fixed": ["--smooth-eps", "auto"],
+               "online": ["--smooth-eps", "online", "--smooth-eps-window", str(args.window)]}
+    runs: dict[str, list[dict]] = {}
+    logs = Path(tempfile.mkdtemp(prefix="eps-online-"))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    for name, flags in configs.items():
+        server = ServerProcess(name, [sys.executable, "-m", "smoothsmoe_server", "serve", str(model_path),
+                                      "--max-model-len", "2048", *flags], env, logs)
+        try:
+            model = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
+            runs[name] = asyncio.run(run_phases(server.url, model, [("A", args.phase_s), ("B", args.phase_s)]))
+        finally:
+            server.stop()
+    budget = 0.5
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "eps_online.json").write_text(json.dumps(runs) + "\n")
+    plot(runs, budget, args.out / "eps_online.png")
+    print(f"mean extras per token over the second half of each phase (budget {budget}):")
+    for name, samples in runs.items():
+        for phase in ("A", "B"):
+            ts = [s["t"] for s in samples if s["phase"] == phase]
+            means = window_extras(samples, phase, (ts[0] + ts[-1]) / 2)
+            print(f"  {name:6s} {phase}: " + "  ".join(f"layer {k} {v:.3f}" for k, v in sorted(means.items())))
+    print(f"wrote {args.out / 'eps_online.json'} and {args.out / 'eps_online.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""--smooth-eps online on a traffic shift: fixed eps leaves the budget, online comes back and stays.
+
+Both servers serve loadtests.drift_model (the default model with a second
+"language" in its vocabulary: the default model's random weights route any text
+alike) and get the same two mixes: the built-in prompts (A), then prompts of
+the drift tokens (B). Phase lengths are seconds of traffic on this 2-core
+machine; the settling time checked is the one eps_control states, 20 windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+from smoothsmoe_server.eps import EpsPlan
+
+from loadtests.drift_model import ensure_drift_model
+from loadtests.eps_online import read_layers, run_phases, window_extras
+from loadtests.server_process import ServerProcess
+
+BUDGET, WINDOW, SETTLE_WINDOWS = 0.5, 1024, 20  # the default window
+PHASES = [("A", 12.0), ("B", 45.0)]
+
+
+@pytest.fixture(scope="module")
+def drift_runs(tmp_path_factory, server_env, model_cache):
+    model = ensure_drift_model(tmp_path_factory.mktemp("drift") / "model", model_cache)
+    log = tmp_path_factory.mktemp("epslog") / "eps.jsonl"
+    configs = {"fixed": ["--smooth-eps", "auto"],
+               "online": ["--smooth-eps", "online", "--smooth-eps-window", str(WINDOW), "--smooth-eps-log", str(log)]}
+    runs = {}
+    for name, flags in configs.items():  # one after the other: two cores
+        server = ServerProcess(name, [sys.executable, "-m", "smoothsmoe_server", "serve", str(model),
+                                      "--max-model-len", "2048", "--served-model-name", "drift", *flags],
+                               server_env, tmp_path_factory.mktemp("logs"))
+        try:
+            samples = asyncio.run(run_phases(server.url, "drift", PHASES))
+            runs[name] = (samples, read_layers(server.url), server.tail(200))
+        finally:
+            server.stop()
+    return runs, log
+
+
+def settled_from(samples: list[dict]) -> float:
+    """The time by which every layer has routed SETTLE_WINDOWS windows of phase B."""
+    b = [s for s in samples if s["phase"] == "B"]
+    start = b[0]["layers"]
+    for s in b:
+        if all(s["layers"][k]["tokens"] - start[k]["tokens"] >= SETTLE_WINDOWS * WINDOW for k in start):
+            return s["t"]
+    raise AssertionError("phase B did not route 20 windows of tokens")
+
+
+def test_fixed_eps_leaves_the_budget_on_the_second_mix(drift_runs):
+    runs, _ = drift_runs
+    samples, _, _ = runs["fixed"]
+    first_a = min(s["t"] for s in samples if s["phase"] == "A")
+    on_a = window_extras(samples, "A", first_a)
+    on_b = window_extras(samples, "B", settled_from(samples))
+    assert all(abs(m / BUDGET - 1) < 0.10 for m in on_a.values()), on_a  # calibrated on prose: near the budget
+    assert max(abs(m / BUDGET - 1) for m in on_b.values()) > 0.20, on_b  # the shift moves it off
+
+
+def test_online_eps_comes_back_within_the_settling_time_and_stays(drift_runs):
+    samples, metrics, tail = drift_runs[0]["online"]
+    t0 = settled_from(samples)
+    t_end = max(s["t"] for s in samples)
+    for t_from, t_to in ((t0, (t0 + t_end) / 2), ((t0 + t_end) / 2, t_end)):  # both halves: it stays
+        means = window_extras(samples, "B", t_from, t_to)
+        assert all(abs(m / BUDGET - 1) < 0.05 for m in means.values()), (t_from, t_to, means, tail)
+
+
+def test_eps_log_replays_the_final_state(drift_runs):
+    runs, log = drift_runs
+    _, metrics, _ = runs["online"]
+    final = EpsPlan.parse(str(log)).per_layer  # --smooth-eps LOG: its last line
+    assert set(final) == {int(k) for k in metrics}
+    for layer, eps in final.items():
+        # The server wrote its last line at most a second before it stopped: eps at rest by then.
+        assert eps == pytest.approx(metrics[str(layer)]["eps"], rel=0.02)
+    assert len(log.read_text().splitlines()) >= sum(s for _, s in PHASES) * 0.8  # a line a second
