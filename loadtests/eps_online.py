@@ -138,7 +138,7 @@ def plot(runs: dict[str, list[dict]], budget: float, path: Path) -> None:
     ax_x.axhline(budget, color="black", lw=0.8)
     ax_x.set_ylabel("extras per token")
     ax_e.set_ylabel("eps")
-    ax_e.set_xlabel("seconds (grey line: traffic shifts from prompts A to random tokens B)")
+    ax_e.set_xlabel("seconds (grey line: traffic shifts from the built-in prompts A to drift-token prompts B)")
     ax_x.legend(fontsize=7, ncol=2)
     ax_x.set_title("--smooth-eps auto (dashed) against online (solid), budget 0.5")
     fig.tight_layout()

@@ -20,7 +20,7 @@ from loadtests.eps_online import read_layers, run_phases, window_extras
 from loadtests.server_process import ServerProcess
 
 BUDGET, WINDOW, SETTLE_WINDOWS = 0.5, 1024, 20  # the default window
-PHASES = [("A", 12.0), ("B", 45.0)]
+PHASES = [("A", 12.0), ("B", 55.0)]
 
 
 @pytest.fixture(scope="module")
