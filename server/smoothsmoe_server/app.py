@@ -138,6 +138,10 @@ async def prepare_routing(engine, options: SmoothingOptions, prompts: list[str] 
 
         await asyncio.gather(*(prefill(i, p) for i, p in enumerate(prompts)))
         results = (await engine.collective_rpc("smoothsmoe_calibrate", args=(options.budget,)))[0]
+        # Every rank routes the same tokens, so every rank calibrates alike; setting rank 0's eps on
+        # all of them makes it so whatever a rank saw (under tensor parallelism each rank must route
+        # the same way, or the layer's shards would compute different experts).
+        await engine.collective_rpc("smoothsmoe_set_eps", args=({k: r["eps"] for k, r in results.items()},))
         for layer, r in sorted(results.items()):
             logger.info("smoothsmoe: layer %s eps=%.6g (mean extras %.3f on %d tokens%s)", layer, r["eps"],
                         r["mean_extras"], r["tokens"], "" if r["reached"] else ", budget NOT reached")

@@ -45,9 +45,12 @@ class SmoothWorkerExtension:
         return out
 
     def smoothsmoe_set_eps(self, eps: dict[int, float]) -> None:
+        eps = {int(k): float(v) for k, v in eps.items()}  # keys may arrive as strings from the RPC encoding
         for r in self._smoothsmoe_routers():
             if isinstance(r, SmoothRouter) and r.layer_index in eps:
                 r.eps.fill_(eps[r.layer_index])
+                if r.controller is not None:
+                    r.controller.arm()  # online: the range is around the eps set here
 
     def smoothsmoe_reset(self) -> None:
         """Zero the counters (after warm-up and calibration, which must not be counted)."""
