@@ -43,24 +43,28 @@ PANELS = [
     Panel("Mean active experts per token",
           "All layers together: active experts / tokens over 5 minutes. Lies between top_k (stock routing) and "
           "top_k + max_extra; calibrated smoothing puts it at top_k + budget.",
-          [(f"smoothsmoe:active_experts_per_token:ratio5m_all{{{M}}}", "{{model}} {{instance}}")], 0, 1),
+          [(f"smoothsmoe:active_experts_per_token:ratio5m_model{{{M}}}", "{{model}}, all replicas"),
+           (f"smoothsmoe:active_experts_per_token:ratio5m_all{{{M}}}", "{{instance}}")], 0, 1),
     Panel("Extra experts per token against the budget",
           "Mean extra experts per token (all layers) and the budget they were calibrated to. Above the budget "
           "for long: the traffic's router margins moved, recalibrate.",
-          [(f"smoothsmoe:extra_experts_per_token:ratio5m_all{{{M}}}", "extras {{instance}}"),
+          [(f"smoothsmoe:extra_experts_per_token:ratio5m_model{{{M}}}", "extras {{model}}, all replicas"),
+           (f"smoothsmoe:extra_experts_per_token:ratio5m_all{{{M}}}", "extras {{instance}}"),
            (f"smoothsmoe_extra_budget {JOIN}", "budget {{instance}}")], 8, 1),
     Panel("Extra-expert overhead",
-          "Extra expert computations over the stock top-k ones: extras / (top_k x tokens). The cost of "
-          "smoothing in expert FLOPs (0.5 extras at k = 8 is 6.25 %).",
-          [(f"smoothsmoe:extra_overhead:ratio5m_all{{{M}}}", "{{instance}}")], 16, 1, kind="stat",
+          "Extra expert computations over the stock top-k ones: extras / (top_k x tokens), over all replicas "
+          "of the model. The cost of smoothing in expert FLOPs (0.5 extras at k = 8 is 6.25 %). Per replica "
+          "and layer: the overhead-by-layer panel.",
+          [(f"smoothsmoe:extra_overhead:ratio5m_model{{{M}}}", "{{model}}")], 16, 1, kind="stat",
           unit="percentunit"),
     Panel("Mean active experts per token, by layer",
           "The same ratio per MoE layer: layers with many near-ties at the k-th score route more extras "
           "at the same eps; calibration sets eps per layer to even them out.",
-          [(f"smoothsmoe:active_experts_per_token:ratio5m{{{ML}}}", "layer {{layer}}")], 0, 9, w=12),
+          [(f"smoothsmoe:active_experts_per_token:ratio5m{{{ML}}}", "layer {{layer}} {{instance}}")], 0, 9, w=12),
     Panel("Extra-expert overhead, by layer",
           "extras / (top_k x tokens) per layer.",
-          [(f"smoothsmoe:extra_overhead:ratio5m{{{ML}}}", "layer {{layer}}")], 12, 9, w=12, unit="percentunit"),
+          [(f"smoothsmoe:extra_overhead:ratio5m{{{ML}}}", "layer {{layer}} {{instance}}")], 12, 9, w=12,
+          unit="percentunit"),
     Panel("Boundary-hit rate by order",
           "Share of tokens with 1, 2, ... extras in the band (averaged over the selected layers). Order 1 "
           "dominates when eps is small: most near-boundary inputs sit near one boundary.",
@@ -88,14 +92,16 @@ PANELS = [
           [(f"smoothsmoe:router_margin:p10_5m{{{ML}}}", "p10 layer {{layer}}"),
            (f"smoothsmoe:router_margin:p50_5m{{{ML}}}", "p50 layer {{layer}}")], 12, 26, w=12),
     Panel("Expert load, top-k slots",
-          "Tokens per second routed to each expert through its top-k slots (summed over the selected layers). "
-          "Dark rows are idle experts; bright ones are hot spots.",
-          [(f'sum by (expert) (smoothsmoe:expert_tokens:rate5m{{kind="topk", {ML}}})', "{{expert}}")], 0, 35,
+          "Tokens per second routed to each expert through its top-k slots (summed over the selected layers), "
+          "one row per replica and expert: a replica's hot spots are its own. Dark rows are idle experts.",
+          [(f'sum by (instance, expert) (smoothsmoe:expert_tokens:rate5m{{kind="topk", {ML}}})',
+            "{{instance}} {{expert}}")], 0, 35,
           w=12, kind="heatmap"),
     Panel("Expert load, extra slots",
           "Tokens per second each expert receives as a smoothing extra. Extras go to the experts just below "
           "the k-th score, so this map follows the top-k one, fainter.",
-          [(f'sum by (expert) (smoothsmoe:expert_tokens:rate5m{{kind="extra", {ML}}})', "{{expert}}")], 12, 35,
+          [(f'sum by (instance, expert) (smoothsmoe:expert_tokens:rate5m{{kind="extra", {ML}}})',
+            "{{instance}} {{expert}}")], 12, 35,
           w=12, kind="heatmap"),
     Panel("Request rate",
           "Requests finished per second, by finish reason.",

@@ -118,6 +118,14 @@ async def probe(request: Request, layer: int = 0, seed: int = 0):
     return result[0]
 
 
+@routes.get("/smoothsmoe/eps")
+async def eps_by_rank(request: Request):
+    """Each smoothed layer's eps on every worker rank ({"ranks": [{layer: eps}, ...]}): with tensor or
+    pipeline parallelism the ranks of a layer must route alike, so their eps must agree."""
+    ranks = await request.app.state.engine_client.collective_rpc("smoothsmoe_eps")
+    return {"ranks": [{str(k): v for k, v in sorted(r.items())} for r in ranks]}
+
+
 async def prepare_routing(engine, options: SmoothingOptions, prompts: list[str] = CALIBRATION_PROMPTS) -> dict:
     """Calibrate eps if asked (eps=auto), then zero the counters. Returns the calibration per layer."""
     results: dict = {}

@@ -95,6 +95,7 @@ def serve(argv: list[str]) -> int:
 
         if not api_keys(args):
             parser.error("--metrics-require-api-key needs --api-key (or VLLM_API_KEY)")
+    bind_cpu_workers(parser, args)
     args.worker_extension_cls = WORKER_EXTENSION
     # Listed innermost first: the error bodies wrap everything, the key check runs before a metrics refresh.
     keyed = ["smoothsmoe_server.app.KeyedMetrics"] if args.metrics_require_api_key else []
@@ -106,6 +107,23 @@ def serve(argv: list[str]) -> int:
 
     uvloop.run(run_server(args, options))
     return 0
+
+
+def bind_cpu_workers(parser, args: argparse.Namespace) -> None:
+    """On vLLM's CPU build with several ranks on one machine, bind their threads (see cpu_binding)."""
+    from vllm.platforms import current_platform
+
+    from smoothsmoe_server.cpu_binding import ENV_VAR, default_binding
+
+    if not current_platform.is_cpu() or os.environ.get(ENV_VAR, "auto") != "auto":
+        return
+    try:
+        binding = default_binding(args.tensor_parallel_size * args.pipeline_parallel_size)
+    except ValueError as e:
+        parser.error(str(e))
+    if binding is not None:
+        os.environ[ENV_VAR] = binding
+        print(f"smoothsmoe: one NUMA node for several CPU workers: {ENV_VAR}={binding!r}", file=sys.stderr)
 
 
 def use_default_model(args: argparse.Namespace) -> None:

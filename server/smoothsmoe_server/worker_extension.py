@@ -52,6 +52,10 @@ class SmoothWorkerExtension:
                 if r.controller is not None:
                     r.controller.arm()  # online: the range is around the eps set here
 
+    def smoothsmoe_eps(self) -> dict[int, float]:
+        """Every smoothed layer's eps on this rank (all ranks answer: they must agree)."""
+        return {r.layer_index: float(r.eps) for r in self._smoothsmoe_routers() if isinstance(r, SmoothRouter)}
+
     def smoothsmoe_reset(self) -> None:
         """Zero the counters (after warm-up and calibration, which must not be counted)."""
         for r in self._smoothsmoe_routers():

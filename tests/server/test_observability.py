@@ -1,5 +1,7 @@
-"""A real Prometheus scrapes the live server while requests flow; every recording
-rule and every dashboard panel query must return data through its HTTP API.
+"""A real Prometheus scrapes two live replicas of the default model while requests flow
+(data parallelism: two servers of one model, the second with --smooth-eps online); every
+recording rule and every dashboard panel query must return data through its HTTP API, and
+the model-wide totals must be the sum of the two servers' counters.
 Also renders the dashboard preview (deploy/grafana/preview.png) from the same queries.
 """
 
@@ -19,9 +21,10 @@ import pytest
 import yaml
 from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
 
-from loadtests.server_process import free_port
+from loadtests.server_process import ServerProcess, free_port
+from loadtests.soak import scrape
 from tests.dashboard_module import load_dashboard
-from tests.server.conftest import API_KEY, REPO
+from tests.server.conftest import API_KEY, REPO, SMOOTHSMOE
 
 RULES = REPO / "deploy" / "prometheus" / "rules" / "smoothsmoe.rules.yml"
 TRAFFIC_S = 25
@@ -58,7 +61,16 @@ async def traffic(url: str, seconds: float) -> int:
 
 
 @pytest.fixture(scope="module")
-def prometheus(smooth_server, tmp_path_factory):
+def replica(request, tmp_path_factory, server_env) -> ServerProcess:
+    """A second server of the same model, as a data-parallel replica (its eps online: bounds on /metrics)."""
+    server = ServerProcess("replica", [*SMOOTHSMOE, "--api-key", API_KEY, "--smooth-eps", "online"], server_env,
+                           tmp_path_factory.mktemp("logs"))
+    request.addfinalizer(server.stop)
+    return server
+
+
+@pytest.fixture(scope="module")
+def prometheus(smooth_server, replica, tmp_path_factory):
     binary = shutil.which("prometheus")
     assert binary, "Prometheus is not installed (deploy/install.sh installs Debian's prometheus package)"
     d = tmp_path_factory.mktemp("prometheus")
@@ -66,7 +78,8 @@ def prometheus(smooth_server, tmp_path_factory):
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
         "scrape_configs": [{"job_name": "smoothsmoe", "metrics_path": "/metrics",
-                            "static_configs": [{"targets": [f"127.0.0.1:{smooth_server.port}"]}]}],
+                            "static_configs": [{"targets": [f"127.0.0.1:{smooth_server.port}",
+                                                            f"127.0.0.1:{replica.port}"]}]}],
     }
     (d / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
     port = free_port()
@@ -82,8 +95,11 @@ def prometheus(smooth_server, tmp_path_factory):
             except httpx.HTTPError:
                 time.sleep(0.5)
         start = time.time()
-        requests = asyncio.run(traffic(smooth_server.url, TRAFFIC_S))
-        assert requests > 8
+
+        async def both():
+            return await asyncio.gather(traffic(smooth_server.url, TRAFFIC_S), traffic(replica.url, TRAFFIC_S))
+
+        assert all(n > 4 for n in asyncio.run(both()))
         time.sleep(3)  # a few more scrapes and rule evaluations after the last request
         yield url, start, time.time()
     finally:
@@ -98,10 +114,25 @@ def query(url: str, expr: str) -> list:
     return r["data"]["result"]
 
 
-def test_target_is_scraped(prometheus):
+def test_targets_are_scraped(prometheus):
     url, _, _ = prometheus
     up = query(url, 'up{job="smoothsmoe"}')
-    assert up and up[0]["value"][1] == "1"
+    assert len(up) == 2 and all(u["value"][1] == "1" for u in up)
+
+
+def test_model_totals_are_the_sum_of_the_replicas(prometheus, smooth_server, replica):
+    url, _, _ = prometheus
+    servers = [scrape(s.url) for s in (smooth_server, replica)]  # traffic is over: the counters rest
+    routed = sum(sum(s["routed"].values()) for s in servers)
+    total = query(url, "sum by (model) (smoothsmoe_tokens_routed_total * on (instance, job) group_left (model) "
+                       "smoothsmoe:model_info)")
+    assert len(total) == 1 and total[0]["metric"] == {"model": MODEL}
+    assert float(total[0]["value"][1]) == routed > 0
+    for rule in ("smoothsmoe:tokens_routed:rate5m_model", "smoothsmoe:extra_experts_per_token:ratio5m_model"):
+        labels = [{k: v for k, v in r["metric"].items() if k != "__name__"} for r in query(url, rule)]
+        assert labels == [{"model": MODEL}]  # one series a model, not one a replica
+    per_instance = query(url, "smoothsmoe:extra_experts_per_token:ratio5m_all")
+    assert len(per_instance) == 2  # and still one a replica where it is asked for
 
 
 def test_every_recording_rule_returns_data(prometheus):
@@ -124,7 +155,7 @@ def test_alerting_rules_are_loaded_and_healthy(prometheus):
     rules = httpx.get(f"{url}/api/v1/rules", timeout=30).json()["data"]["groups"]
     alerts = {r["name"]: r for g in rules for r in g["rules"] if r["type"] == "alerting"}
     assert set(alerts) == {"SmoothSMoEOverheadAboveBudget", "SmoothSMoEBoundaryHitRateJump", "SmoothSMoEServerDown",
-                           "SmoothSMoETTFTSLOBurn"}
+                           "SmoothSMoETTFTSLOBurn", "SmoothSMoEEpsAtBound"}
     assert all(a["health"] == "ok" for a in alerts.values())
     assert all(a["state"] == "inactive" for a in alerts.values())  # a healthy server at its budget
 
