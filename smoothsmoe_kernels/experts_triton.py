@@ -164,7 +164,9 @@ def moe_experts_triton(
     config: ExpertsTileConfig | None = None,
     tiles_done: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """moe_experts (see experts.moe_experts_torch) as six Triton launches; same shapes and contract.
+    """moe_experts (see experts.moe_experts_torch) in Triton; same shapes and contract.
+
+    Launches: the tile schedule (one, or three past one chunk), gate-up, down, slot sum.
 
     config: the tile sizes; by default tile_config() picks them by token count
     (a tuned table for this GPU and shape if there is one, else vLLM's rules).

@@ -140,7 +140,10 @@ ONEHOT_ELEMENTS = 8192  # CHUNK x E_PAD per program: a register-sized one-hot
 
 
 def tile_schedule_triton(ids: torch.Tensor, num_experts: int, block_m: int) -> TileSchedule:
-    """pairs.tile_schedule in three Triton launches; ids [T, W] int32, contiguous."""
+    """pairs.tile_schedule in three Triton launches (one when every slot fits one chunk).
+
+    ids [T, W] int32, contiguous.
+    """
     T, W = ids.shape
     E = num_experts
     P = T * W

@@ -50,7 +50,8 @@ def tune_experts(
             # Same products, another summation order (block_k) and one rounding of h: bf16-sized differences.
             err = ((y - expected).norm() / expected.norm().clamp(min=1e-30)).item()
             if not err < 2e-2:
-                raise RuntimeError(f"tile config {cfg} disagrees with vLLM's default at T={T}: relative error {err:.1e}")
+                raise RuntimeError(f"tile config {cfg} disagrees with vLLM's default at T={T}: "
+                                   f"relative error {err:.1e}")
             timed[cfg] = time_us(lambda c=cfg: moe_experts_triton(x, w13, w2, ids, weights, config=c), device,
                                  min_time=min_time)
         best = min(timed, key=timed.get)
