@@ -38,7 +38,7 @@ from loadtests.server_process import ServerProcess
 
 SAMPLE_S = 0.5
 CONCURRENCY = 8
-DRIFT_PROMPT_TOKENS = 96  # short: tokens of one prompt route alike, so many prompts make a steady mean
+DRIFT_PROMPT_TOKENS = 48  # short: tokens of one prompt route alike, so many prompts make a steady mean
 
 
 def read_layers(url: str, headers: dict | None = None) -> dict[str, dict[str, float]]:

@@ -14,7 +14,7 @@ in one window; where they cluster (hidden states of a narrow traffic), extras
 are a steep function of eps and the same gain overshoots and oscillates. So
 each layer adapts its own gain, as Rprop adapts a step: when the error keeps
 its sign, the last step was too timid (gain x 1.5, at most 1); when it flips,
-the last step overshot (gain x 0.5, at least 1/32). At rest the noise of the
+the last step overshot (gain x 0.5, at least 1/64). At rest the noise of the
 window's mean flips the sign about every other window and the gain decays to
 its floor, so eps stays still; after a shift the error keeps its sign and the
 gain climbs back: measured in tests/kernels/test_eps_control.py, a shift that
@@ -47,7 +47,7 @@ class EpsControl:
     window: int = 1024  # tokens between updates
     gain: float = 0.5  # the starting gain: the fraction of the relative error corrected in log eps per window
     eps_range: float = 16.0  # eps stays within [eps0 / range, eps0 * range], eps0 the starting eps
-    gain_min: float = 1 / 32
+    gain_min: float = 1 / 64
     gain_max: float = 1.0
 
     def __post_init__(self):

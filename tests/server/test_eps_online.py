@@ -59,6 +59,7 @@ def test_fixed_eps_leaves_the_budget_on_the_second_mix(drift_runs):
     on_a = window_extras(samples, "A", first_a)
     on_b = window_extras(samples, "B", settled_from(samples))
     assert all(abs(m / BUDGET - 1) < 0.10 for m in on_a.values()), on_a  # calibrated on prose: near the budget
+    print("fixed, B after settling:", {k: round(v, 3) for k, v in sorted(on_b.items())})
     assert max(abs(m / BUDGET - 1) for m in on_b.values()) > 0.20, on_b  # the shift moves it off
 
 
@@ -68,6 +69,7 @@ def test_online_eps_comes_back_within_the_settling_time_and_stays(drift_runs):
     t_end = max(s["t"] for s in samples)
     for t_from, t_to in ((t0, (t0 + t_end) / 2), ((t0 + t_end) / 2, t_end)):  # both halves: it stays
         means = window_extras(samples, "B", t_from, t_to)
+        print(f"online, B, {t_from:.0f}-{t_to:.0f} s:", {k: round(v, 3) for k, v in sorted(means.items())})
         assert all(abs(m / BUDGET - 1) < 0.05 for m in means.values()), (t_from, t_to, means, tail)
 
 
