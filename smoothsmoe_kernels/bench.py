@@ -1,4 +1,4 @@
-"""Benchmarks: python -m smoothsmoe_kernels.bench routing|experts|tune
+"""Benchmarks: python -m smoothsmoe_kernels.bench routing|experts|stages|tune
 
 Baseline and ours in one process, on the same inputs, back to back; the ratio
 is what to read.
@@ -12,6 +12,10 @@ is what to read.
            fused_experts at the stock ids where vLLM is importable, the whole
            layer (routing + experts) smoothed against stock, eager and (T <= 512)
            captured in CUDA graphs, and the fraction of the roofline.
+  stages   on a GPU: where a decode-sized smoothed layer spends its time, each
+           stage captured in a CUDA graph: stock routing (torch), our routing
+           kernel, the tile schedule, our experts at the stock and the
+           smoothed ids.
   tune     on a GPU: times the tile-config candidates per token bucket and writes
            the tuned tables the kernel loads (smoothsmoe_kernels/tuned/).
 """
@@ -26,7 +30,7 @@ from smoothsmoe_kernels.calibration import DEFAULT_BUDGET, calibrate_eps
 from smoothsmoe_kernels.config import RoutingConfig
 from smoothsmoe_kernels.routing import route
 from smoothsmoe_kernels.stats import StatsLayout
-from smoothsmoe_kernels.timing import device_name, graph_time_us, time_us
+from smoothsmoe_kernels.timing import GRAPH_MAX_T, device_name, graph_time_us, time_us
 
 # (E, K): Mixtral-8x7B, OLMoE-1B-7B, Qwen3-30B-A3B, DeepSeek-V3 (without grouping here)
 ROUTING_SHAPES = [(8, 2), (64, 8), (128, 8), (256, 8)]
@@ -75,7 +79,6 @@ MODEL_SHAPES = {
 }
 EXPERT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 TUNE_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-GRAPH_MAX_T = 512  # vLLM captures decode batches up to about this size
 
 
 def bench_experts(device: torch.device, dtype: torch.dtype, max_extra: int) -> None:
@@ -163,6 +166,44 @@ def _time_layer(x, w13, w2, scores, config, eps, stock, smooth, vllm_experts, ex
             f" {layer:6.2f} {1 + extra + 0.03:5.2f} {graph:>6} {roof / us_sm:8.2f}")
 
 
+STAGE_TOKENS = [1, 16, 64, 256]
+
+
+def bench_stages(device: torch.device, dtype: torch.dtype, max_extra: int) -> None:
+    from smoothsmoe_kernels.experts_triton import moe_experts_triton
+    from smoothsmoe_kernels.routing_triton import smooth_topk_triton
+    from smoothsmoe_kernels.tile_config import tile_config
+    from smoothsmoe_kernels.tile_schedule_triton import tile_schedule_triton
+
+    print(f"# stages: {device_name(device)}  torch {torch.__version__}  {dtype}  max_extra={max_extra}; "
+          "us per CUDA-graph replay")
+    print(f"{'model':>17} {'T':>5} {'route':>6} {'ours':>6} {'sched':>6} {'exp_k':>7} {'exp_sm':>7}  tiles")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for name, (E, K, H, I) in MODEL_SHAPES.items():
+        config = RoutingConfig(top_k=K, max_extra=max_extra)
+        eps_t = torch.tensor(calibrate_eps(torch.randn(16384, E, generator=g), config).eps, device=device)
+        stats = StatsLayout(K, max_extra, E).new_buffer(device)
+        w13 = (torch.randn(E, 2 * I, H, device=device) / H**0.5).to(dtype)
+        w2 = (torch.randn(E, H, I, device=device) / I**0.5).to(dtype)
+        for T in STAGE_TOKENS:
+            scores = torch.randn(T, E, generator=g).to(device)
+            x = torch.randn(T, H, device=device, dtype=dtype)
+            r, _ = smooth_topk_triton(scores, config, eps_t, stats=stats)
+            w_k, i_k = stock_topk_softmax(scores, K)
+            tiles, source = tile_config(T, E, H, I, dtype, device)
+            calls = {
+                "route": lambda: stock_topk_softmax(scores, K),
+                "ours": lambda: smooth_topk_triton(scores, config, eps_t, stats=stats),
+                "sched": lambda: tile_schedule_triton(r.ids, E, tiles.block_m),
+                "exp_k": lambda: moe_experts_triton(x, w13, w2, i_k, w_k),
+                "exp_sm": lambda: moe_experts_triton(x, w13, w2, r.ids, r.weights),
+            }
+            us = {k: graph_time_us(fn, replays=200)[0] for k, fn in calls.items()}
+            cells = " ".join(f"{us[k]:{6 if k in ('route', 'ours', 'sched') else 7}.1f}" if us[k] else "  FAIL"
+                             for k in calls)
+            print(f"{name:>17} {T:>5} {cells}  {source} {tiles}", flush=True)
+
+
 def _vllm_fused_experts():
     """vLLM's own Triton experts, where vLLM is installed (a real GPU deployment); else None."""
     try:
@@ -184,7 +225,7 @@ def measured_peaks(device: torch.device) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m smoothsmoe_kernels.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["routing", "experts", "tune"])
+    parser.add_argument("what", choices=["routing", "experts", "stages", "tune"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="routing scores dtype (default float32) / experts dtype (default bfloat16)")
@@ -199,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_routing(device, getattr(torch, args.dtype or "float32"), args.max_extra)
     elif args.what == "experts":
         bench_experts(device, getattr(torch, args.dtype or "bfloat16"), args.max_extra)
+    elif args.what == "stages":
+        bench_stages(device, getattr(torch, args.dtype or "bfloat16"), args.max_extra)
     else:
         from smoothsmoe_kernels.tune import tune_experts
 

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+GRAPH_MAX_T = 512  # vLLM captures decode batches up to about this size: smaller calls run as graph replays
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":

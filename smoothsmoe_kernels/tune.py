@@ -4,7 +4,8 @@ Run by `python -m smoothsmoe_kernels.bench tune` on the GPU the tables are for.
 At each token bucket it routes N(0, 1) logits with the smoothed router (eps
 calibrated to the default budget), times every candidate of
 tile_config.CANDIDATES (and vLLM's default for that T) on the whole
-moe_experts_triton call, and keeps the fastest. Every candidate's output is
+moe_experts_triton call, as CUDA-graph replays up to GRAPH_MAX_T tokens (how
+vLLM runs decode) and eagerly above, and keeps the fastest. Every candidate's output is
 checked against vLLM's default config's first: a config that computes
 something else is an error, not a speed-up.
 """
@@ -22,7 +23,7 @@ from smoothsmoe_kernels.routing import route
 from smoothsmoe_kernels.tile_config import (
     CANDIDATES, TUNED_DIR, ExpertsTileConfig, default_tile_config, device_key, save_tile_table,
 )
-from smoothsmoe_kernels.timing import device_name, time_us
+from smoothsmoe_kernels.timing import GRAPH_MAX_T, device_name, graph_time_us, time_us
 
 
 def tune_experts(
@@ -52,9 +53,21 @@ def tune_experts(
             if not err < 2e-2:
                 raise RuntimeError(f"tile config {cfg} disagrees with vLLM's default at T={T}: "
                                    f"relative error {err:.1e}")
-            timed[cfg] = time_us(lambda c=cfg: moe_experts_triton(x, w13, w2, ids, weights, config=c), device,
-                                 min_time=min_time)
+            timed[cfg] = _call_us(lambda c=cfg: moe_experts_triton(x, w13, w2, ids, weights, config=c), T, device,
+                                  min_time)
         best = min(timed, key=timed.get)
         table[T] = best
         print(f"T={T:6d} default {timed[default]:9.1f} us  best {timed[best]:9.1f} us  {best}", flush=True)
     return save_tile_table(table, device_key(device), E, H, I, dtype, Path(out_dir) if out_dir else TUNED_DIR)
+
+
+def _call_us(fn, T: int, device: torch.device, min_time: float) -> float:
+    """Microseconds per call as vLLM runs a batch of T tokens: a CUDA-graph replay up to
+    GRAPH_MAX_T (decode; eager timing there would rank the configs by host launch cost,
+    which a graph does not pay), eager above it (prefill, where the GEMMs dominate)."""
+    if device.type == "cuda" and T <= GRAPH_MAX_T:
+        us, why = graph_time_us(fn)
+        if us is not None:
+            return us
+        print(f"# CUDA graph capture failed ({why}); timing eagerly", flush=True)
+    return time_us(fn, device, min_time=min_time)
