@@ -1,4 +1,4 @@
-"""smoothsmoe serve|calibrate (python -m smoothsmoe_server does the same).
+"""smoothsmoe serve|calibrate|eval (python -m smoothsmoe_server does the same).
 
 `serve` is `vllm serve` with a "Smoothing" group of flags: vLLM's own parser
 and flags, passed through untouched. Our flags are generated from the fields
@@ -34,6 +34,9 @@ FLAG_HELP = {
     "(default 16); smoothsmoe_epsilon_bound shows the bounds.",
     "eps_log": "A file to append every layer's eps and counts to, once a second (JSON lines); its last line "
     "is a valid --smooth-eps file, to pin a tuned state.",
+    "top_k": "Experts per token of every MoE layer, in place of the model's (0: the model's). With smoothing "
+    "on, the band keeps a smaller top-k continuous (S2MoE's cheaper inference); with --no-smoothing it serves "
+    "stock top-k at this k.",
     "max_extra": "Cap on extra experts per token; MoE layers run at width top_k + max_extra.",
     "experts": "Experts computation of smoothed layers: 'smoothsmoe' (this project's kernel: active pairs only; "
     "Triton on CUDA, torch elsewhere), 'vllm' (vLLM's own kernel, which also computes the inactive slots, "
@@ -197,13 +200,20 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def evaluate(argv: list[str]) -> int:
+    from smoothsmoe_server import evaluate as evaluation
+
+    return evaluation.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve": serve, "calibrate": calibrate}
+    commands = {"serve": serve, "calibrate": calibrate, "eval": evaluate}
     if not argv or argv[0] not in commands:
-        print("usage: smoothsmoe {serve,calibrate} [-h] ...\n"
+        print("usage: smoothsmoe {serve,calibrate,eval} [-h] ...\n"
               "  serve      OpenAI-compatible server with smoothed MoE routing (default model: embedded tiny MoE)\n"
-              "  calibrate  fit per-layer eps on your prompts, write a JSON file for --smooth-eps",
+              "  calibrate  fit per-layer eps on your prompts, write a JSON file for --smooth-eps\n"
+              "  eval       cost, quality and stability of smoothing on your model and text, against stock",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])

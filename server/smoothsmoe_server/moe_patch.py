@@ -61,6 +61,11 @@ def _wrap(original: Callable, options: SmoothingOptions, eps_plan: EpsPlan) -> C
         prefix, num_experts = a["prefix"], a["num_experts"]
         layer_index = extract_layer_index(prefix)
         device = get_current_vllm_config().device_config.device
+        if options.top_k:
+            if options.top_k > num_experts:
+                raise ValueError(f"--smooth-top-k {options.top_k} exceeds {prefix}'s {num_experts} experts")
+            logger.info("smoothsmoe: %s top_k %d -> %d (--smooth-top-k)", prefix, a["top_k"], options.top_k)
+            a["top_k"] = options.top_k  # every layer, smoothed or stock: the model as if its config said so
         config, reason = routing_config(a, options.max_extra)
         bias = a["e_score_correction_bias"]
         if options.enabled and reason is None:

@@ -24,10 +24,13 @@ class SmoothingOptions:
     eps_range: float = 16.0  # eps=online: eps stays within [eps0 / range, eps0 * range] of its calibrated eps0
     eps_log: str = ""  # a file: append every layer's eps (and counts) once a second, JSON lines
     max_extra: int = 2  # cap on extra experts per token; layer width is top_k + max_extra
+    top_k: int = 0  # experts per token of every MoE layer; 0 keeps the model's
     experts: str = "auto"  # a smoothed layer's experts: "smoothsmoe" (active pairs only), "vllm" (padded), "auto"
     model: str = ""  # the served model name, for the config info metric
 
     def __post_init__(self):
+        if self.top_k < 0:
+            raise ValueError(f"--smooth-top-k must be >= 0 (0: the model's), got {self.top_k}")
         if self.max_extra < 0:
             raise ValueError(f"--smooth-max-extra must be >= 0, got {self.max_extra}")
         if not 0.0 <= self.budget <= self.max_extra:

@@ -44,6 +44,33 @@ class SmoothWorkerExtension:
                                   "reached": cal.reached}
         return out
 
+    def smoothsmoe_fit_eps(self, budgets: list[float]) -> dict[float, dict[int, float]]:
+        """Stop recording; each smoothed layer's eps for every budget, from one recording (set none).
+
+        `smoothsmoe eval` sets them one budget after another with smoothsmoe_set_eps.
+        """
+        out: dict[float, dict[int, float]] = {b: {} for b in budgets}
+        for r in self._smoothsmoe_routers():
+            if isinstance(r, SmoothRouter):
+                gaps = r.counters.stop_recording()
+                if gaps.gaps.shape[0] == 0:
+                    raise RuntimeError(f"calibration saw no tokens in {r.layer_name}")
+                for b in budgets:
+                    out[b][r.layer_index] = 0.0 if b == 0 else calibrate_gaps(gaps, r.config.max_extra, b).eps
+        return out
+
+    def smoothsmoe_embed(self, token_ids: list[list[int]]) -> list:
+        """The model's input embeddings of each token-id list ([len, hidden] tensors on the CPU; first rank
+        only): what `smoothsmoe eval` perturbs and feeds back as prompt embeddings."""
+        if getattr(self, "rank", 0) != 0:
+            return []
+        import torch
+
+        model = self.model_runner.get_model()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            return [model.embed_input_ids(torch.tensor(ids, device=device)).cpu() for ids in token_ids]
+
     def smoothsmoe_set_eps(self, eps: dict[int, float]) -> None:
         eps = {int(k): float(v) for k, v in eps.items()}  # keys may arrive as strings from the RPC encoding
         for r in self._smoothsmoe_routers():
