@@ -331,20 +331,22 @@ def plot(body: dict, path: Path) -> bool:
         return False
     configs, sigmas = body["configs"], [s for s in body["noise"] if s > 0]
     fig, (ax_q, ax_s, ax_n) = plt.subplots(1, 3, figsize=(15, 4.3))
+    markers = "os^vD"
     for c in configs:
         x, color = c["active_experts"], "tab:blue" if c["smoothed"] else "black"
         ax_q.scatter(x, c["delta_nll"], color=color)
         ax_q.annotate(c["name"], (x, c["delta_nll"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for i, s in enumerate(sigmas):
+            ax_s.scatter(x, c["stability"][str(s)]["tv_max"], color=color, marker=markers[i % len(markers)],
+                         label=f"sigma = {s:g}" if c is configs[0] else None)
         if sigmas:
-            y = c["stability"][str(sigmas[0])]["tv_max"]
-            ax_s.scatter(x, y, color=color)
-            ax_s.annotate(c["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             ax_n.plot(sigmas, [c["stability"][str(s)]["tv_max"] for s in sigmas], "o-" if c["smoothed"] else "s--",
                       label=c["name"])
     ax_q.set(xlabel="active experts per token", ylabel="NLL change against stock (nats/token)", title="quality")
     if sigmas:
-        ax_s.set(xlabel="active experts per token", ylabel=f"largest TV distance at sigma = {sigmas[0]:g}",
-                 title="stability (lower is steadier)")
+        ax_s.set(xlabel="active experts per token (black: stock)", yscale="log",
+                 ylabel="largest TV distance over the prefixes", title="stability (lower is steadier)")
+        ax_s.legend(fontsize=7)
         ax_n.set(xscale="log", yscale="log", xlabel="sigma (relative input noise)",
                  ylabel="largest TV distance over the prefixes", title="continuity: does it go to 0 with sigma?")
         ax_n.legend(fontsize=7)

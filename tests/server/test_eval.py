@@ -115,3 +115,17 @@ def test_stability_is_zero_without_noise_and_smoothing_removes_the_jumps(evaluat
         print(f"{stock}: largest TV {c[stock]['stability'][small]['tv_max']:.2e}, "
               f"{smooth}: {c[smooth]['stability'][small]['tv_max']:.2e}")
         assert c[stock]["stability"][small]["tv_max"] > 2 * c[smooth]["stability"][small]["tv_max"]
+
+
+def test_serve_takes_the_same_top_k_flag():
+    import argparse
+
+    from smoothsmoe_server.cli import add_smoothing_args, options_from_args
+    from smoothsmoe_server.options import SmoothingOptions
+
+    parser = argparse.ArgumentParser()
+    add_smoothing_args(parser)
+    assert options_from_args(parser.parse_args(["--smooth-top-k", "1"]), "m").top_k == 1
+    assert options_from_args(parser.parse_args([]), "m").top_k == 0  # the model's
+    with pytest.raises(ValueError, match="smooth-top-k"):
+        SmoothingOptions(top_k=-1)

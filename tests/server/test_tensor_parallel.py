@@ -28,7 +28,9 @@ from loadtests.server_process import ServerProcess
 from loadtests.soak import scrape
 
 PROMPTS = ["The morning was cold and", "Computer programs are", "1, 2, 3, 4,", "def main():\n   "]
-CONFIGS = {"off": ["--no-smoothing"], "eps0": ["--smooth-eps", "0"], "on": []}
+# Smoothing at eps 0 equals stock at TP=1 (test_stock_identity); at TP=2 the router is the same
+# code on each rank, so one smoothed server ("on") is started here, to keep CI short.
+CONFIGS = {"off": ["--no-smoothing"], "on": []}
 
 
 def greedy(url: str) -> list[str]:
@@ -78,9 +80,8 @@ def test_it_binds_the_ranks_itself(tp2):
     assert "VLLM_CPU_OMP_THREADS_BIND='0|1'" in tp2["off"]["log"]
 
 
-@pytest.mark.parametrize("name", ["off", "eps0"])
-def test_stock_routing_at_tp2_is_stock_vllm_at_tp2(tp2, name):
-    assert tp2[name]["texts"] == tp2["stock"]["texts"]  # exact: the same greedy tokens
+def test_stock_routing_at_tp2_is_stock_vllm_at_tp2(tp2):
+    assert tp2["off"]["texts"] == tp2["stock"]["texts"]  # exact: the same greedy tokens
 
 
 def test_tp2_computes_the_model_of_tp1(tp2, nosmooth_server):
