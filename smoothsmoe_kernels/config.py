@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus", "topk_sigmoid")
+BIASED_SCORING_FUNCS = ("sigmoid", "sqrtsoftplus")  # a correction bias steers their selection
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
     """What fixes one MoE layer's routing: output width, weight family, grouping.
@@ -13,15 +17,17 @@ class RoutingConfig:
     Built once per layer at load time and only read afterwards; `eps` is not
     here because it is data (calibrated, possibly a device tensor), not shape.
 
-    The three weight families of the spec are:
-      - softmax + renormalize      (Mixtral, Qwen3-MoE, OLMoE with norm)
-      - softmax, not renormalized  (Qwen2-MoE, DeepSeek-V2)
-      - sigmoid + renormalize      (DeepSeek-V3, with a score correction bias)
+    The weight families of the spec, by scoring_func and renormalize:
+      - softmax + renormalize          (Mixtral, Qwen3-MoE, OLMoE with norm)
+      - softmax, not renormalized      (Qwen2-MoE, DeepSeek-V2)
+      - sigmoid + renormalize          (DeepSeek-V3, with a score correction bias)
+      - sqrtsoftplus + renormalize     (DeepSeek-V4: sqrt(softplus(logit)), with a bias)
+      - topk_sigmoid, not renormalized (Llama 4: top-k of the logits, then sigmoid of each)
     """
 
     top_k: int
     max_extra: int = 2
-    scoring_func: Literal["softmax", "sigmoid"] = "softmax"
+    scoring_func: Literal["softmax", "sigmoid", "sqrtsoftplus", "topk_sigmoid"] = "softmax"
     renormalize: bool = True
     num_expert_group: int | None = None  # grouped (node-limited) top-k, DeepSeek style
     topk_group: int | None = None
@@ -31,8 +37,10 @@ class RoutingConfig:
         # ValueError, not assert: `python -O` strips asserts.
         if self.top_k < 1 or self.max_extra < 0:
             raise ValueError(f"need top_k >= 1 and max_extra >= 0, got {self}")
-        if self.scoring_func not in ("softmax", "sigmoid"):
-            raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {self.scoring_func!r}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
+        if self.scoring_func == "topk_sigmoid" and self.renormalize:
+            raise ValueError("scoring_func='topk_sigmoid' (Llama 4) is not renormalized: pass renormalize=False")
         if (self.num_expert_group is None) != (self.topk_group is None):
             raise ValueError("num_expert_group and topk_group go together (both or neither)")
         if self.num_expert_group is not None and not 1 <= self.topk_group <= self.num_expert_group:
@@ -56,3 +64,8 @@ class RoutingConfig:
         reachable = self.topk_group * (E // self.num_expert_group)
         if reachable < self.top_k:
             raise ValueError(f"topk_group={self.topk_group} groups hold {reachable} experts < top_k={self.top_k}")
+
+    @property
+    def selects_on_logits(self) -> bool:
+        """Selection and band on the raw logits (softmax families, Llama 4); else on a transformed score."""
+        return self.scoring_func in ("softmax", "topk_sigmoid")

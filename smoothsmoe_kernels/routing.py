@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smoothsmoe_kernels.config import RoutingConfig
+from smoothsmoe_kernels.config import BIASED_SCORING_FUNCS, RoutingConfig
 from smoothsmoe_kernels.routing_result import FMAX, STEP_B, BandGaps, RoutingResult, as_eps_tensor
 
 
@@ -117,24 +117,26 @@ def _f64(fn, *args: torch.Tensor) -> torch.Tensor:
 def _select(scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.Tensor | None):
     """Selection scores and the top W+1 of them, ties to the lower index.
 
-    Returns weight_src [T, E] (logits for softmax, sigmoid(logit) for
-    sigmoid, before group masking), idx [T, W+1] int64 (expert ids by
-    descending selection score, -1 past E) and zs [T, W+1] (their selection
-    scores, -inf past E).
+    Returns weight_src [T, E] (logits for softmax; sigmoid(logit) for
+    sigmoid and topk_sigmoid; sqrt(softplus(logit)) for sqrtsoftplus; before
+    group masking), idx [T, W+1] int64 (expert ids by descending selection
+    score, -1 past E) and zs [T, W+1] (their selection scores, -inf past E).
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [T, E], got shape {tuple(scores.shape)}")
     E = scores.shape[1]
     config.check_num_experts(E)
     logits = scores.float()
-    if config.scoring_func == "sigmoid":
-        sig = _f64(torch.sigmoid, logits)  # NaN stays NaN here, and in z below
+    if correction_bias is not None and config.scoring_func not in BIASED_SCORING_FUNCS:
+        raise ValueError(f"correction_bias is defined for scoring_func in {BIASED_SCORING_FUNCS} only")
+    if config.scoring_func in BIASED_SCORING_FUNCS:
+        sig = _f64(torch.sigmoid if config.scoring_func == "sigmoid" else _sqrt_softplus, logits)  # NaN stays NaN
         z = sig if correction_bias is None else sig + correction_bias.float()
         weight_src = torch.nan_to_num(sig, nan=0.0)
-    elif correction_bias is not None:
-        raise ValueError("correction_bias is defined for scoring_func='sigmoid' only")
     else:
         z = logits
+        if config.scoring_func == "topk_sigmoid":  # selected on the logits, weighted by their sigmoid
+            weight_src = torch.nan_to_num(_f64(torch.sigmoid, logits), nan=0.0)
     # NaN counts as -inf, +inf as the largest float (so differences stay finite).
     z = torch.nan_to_num(z, nan=float("-inf"), posinf=FMAX, neginf=float("-inf"))
     if config.scoring_func == "softmax":
@@ -149,6 +151,15 @@ def _select(scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.
         idx = F.pad(idx, (0, pad), value=-1)
         zs = F.pad(zs, (0, pad), value=float("-inf"))
     return weight_src, idx, zs
+
+
+def _sqrt_softplus(x: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V4's score sqrt(softplus(x)) (torch's softplus: x itself above 20).
+
+    A +inf logit counts as the largest float32, so the score stays finite
+    (about 1.8e19) and the weights' sums cannot overflow.
+    """
+    return F.softplus(torch.where(x == float("inf"), FMAX, x)).sqrt()
 
 
 def _topk_lower_index(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ layer's stats buffer (smoothsmoe_kernels.stats layout) with atomics: no host
 sync, fixed shapes, so it is safe under CUDA graphs and torch.compile.
 
 Numerics: selection scores are computed exactly as the torch reference does
-(float32 logits; sigmoid in float64 rounded to float32), and the band is
+(float32 logits; sigmoid and sqrt(softplus) in float64 rounded to float32), and the band is
 decided on the same float32 gaps, so ids, order and capped match it exactly.
 Weights use float32 exp/log (the spec's stable log form of the step) where
 the reference uses float64: they agree to a few float32 ulps.
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from smoothsmoe_kernels.config import RoutingConfig
+from smoothsmoe_kernels.config import BIASED_SCORING_FUNCS, SCORING_FUNCS, RoutingConfig
 from smoothsmoe_kernels.routing_result import FMAX, STEP_B, BandGaps, RoutingResult
 from smoothsmoe_kernels.stats import StatsLayout
 
@@ -31,7 +31,7 @@ def _smooth_topk_kernel(
     ids_ptr, weights_ptr, order_ptr, capped_ptr, margin_ptr, gaps_ptr,
     T, stride_st, scale,
     E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, M: tl.constexpr, W1_PAD: tl.constexpr,
-    SIGMOID: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCORE: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
     G: tl.constexpr, GS: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr,
     HAS_VALID: tl.constexpr, HAS_STATS: tl.constexpr, NB: tl.constexpr,
     HITS_OFF: tl.constexpr, MARGIN_OFF: tl.constexpr, TOPK_OFF: tl.constexpr, EXTRA_OFF: tl.constexpr,
@@ -48,15 +48,22 @@ def _smooth_topk_kernel(
     x = tl.load(scores_ptr + offs_t[:, None] * stride_st + offs_e[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     is_nan = x != x
 
-    # Selection scores z and weight sources, as the reference computes them.
-    if SIGMOID:
+    # Selection scores z and weight sources sig, as the reference computes them.
+    # SCORE (config.SCORING_FUNCS order): 0 softmax, 1 sigmoid, 2 sqrt(softplus) (both selected on the score
+    # plus an optional bias), 3 top-k of the logits weighted by their sigmoid.
+    if SCORE == 2:
+        sig = tl.sqrt(_softplus_f64(tl.where(x == float("inf"), FMAX_C, x).to(tl.float64))).to(tl.float32)
+    elif SCORE != 0:
         sig = (1.0 / (1.0 + tl.exp(-x.to(tl.float64)))).to(tl.float32)
+    else:
+        sig = x  # unused
+    if SCORE != 0:
         sig = tl.where(is_nan, 0.0, sig)
+    if SCORE == 1 or SCORE == 2:
         z = sig
         if HAS_BIAS:
             z = z + tl.load(bias_ptr + offs_e, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     else:
-        sig = x  # unused
         z = x
     z = tl.where(is_nan | (z != z), NEG_INF, z)
     z = tl.where(z == float("inf"), FMAX_C, z)
@@ -105,7 +112,7 @@ def _smooth_topk_kernel(
         avail = avail & ~hit
         vals = tl.where(offs_w[None, :] == j, tl.where(found, m, NEG_INF)[:, None], vals)
         idx = tl.where(offs_w[None, :] == j, tl.where(found, pick, -1)[:, None], idx)
-        if SIGMOID:
+        if SCORE != 0:
             s_j = tl.sum(tl.where(hit, sig, 0.0), axis=1)
             src = tl.where(offs_w[None, :] == j, s_j[:, None], src)
 
@@ -125,7 +132,7 @@ def _smooth_topk_kernel(
     mult = tl.where(offs_w[None, :] < K, 1.0, tl.where(active, tl.exp(log_s), 0.0))
     slot_on = (offs_w[None, :] < K) | active
 
-    if SIGMOID:
+    if SCORE != 0:
         num = mult * src
         if RENORM:
             den = tl.sum(tl.where(offs_w[None, :] < W, num, 0.0), axis=1)
@@ -186,6 +193,15 @@ def _smooth_topk_kernel(
 
 
 @triton.jit
+def _softplus_f64(x):
+    # torch's softplus in float64 (x itself above 20): log(1 + e^x), with the
+    # series e^x - e^2x/2 + e^3x/3 below -10, where 1 + e^x would drop bits.
+    e = tl.exp(tl.minimum(x, 20.0))
+    small = e - e * e / 2.0 + e * e * e / 3.0
+    return tl.where(x > 20.0, x, tl.where(x < -10.0, small, tl.log(1.0 + e)))
+
+
+@triton.jit
 def _softplus(x):
     # log(1 + e^x) without overflow: x for large x, log1p(e^x) otherwise.
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
@@ -217,8 +233,8 @@ def smooth_topk_triton(
     config.check_num_experts(E)
     if E > 1024 or config.width > 16:
         raise ValueError(f"the Triton kernel handles E <= 1024 and top_k + max_extra <= 16, got {E}, {config.width}")
-    if correction_bias is not None and config.scoring_func != "sigmoid":
-        raise ValueError("correction_bias is defined for scoring_func='sigmoid' only")
+    if correction_bias is not None and config.scoring_func not in BIASED_SCORING_FUNCS:
+        raise ValueError(f"correction_bias is defined for scoring_func in {BIASED_SCORING_FUNCS} only")
     K, M, W = config.top_k, config.max_extra, config.width
     dev = scores.device
     scores = scores if scores.stride(1) == 1 else scores.contiguous()
@@ -235,7 +251,7 @@ def smooth_topk_triton(
             out.ids, out.weights, out.order, out.capped_u8, out.margin, out.gaps,
             T, scores.stride(0), float(config.routed_scaling_factor),
             E=E, E_PAD=triton.next_power_of_2(E), K=K, M=M, W1_PAD=triton.next_power_of_2(W + 1),
-            SIGMOID=config.scoring_func == "sigmoid", RENORM=config.renormalize,
+            SCORE=SCORING_FUNCS.index(config.scoring_func), RENORM=config.renormalize,
             HAS_BIAS=correction_bias is not None,
             G=G, GS=E // G, TOPK_GROUP=config.topk_group or 1, G_PAD=triton.next_power_of_2(G),
             HAS_VALID=valid is not None, HAS_STATS=stats is not None, NB=len(layout.margin_edges),

@@ -13,6 +13,9 @@ NAN = float("nan")
 # Values from a small pool make exact ties and near-ties common; the pool has
 # NaN, +-inf, huge values, -0.0, and neighbours one ulp apart.
 POOL = [0.0, -0.0, 1.0, 1.0 + 2**-23, 1.0 - 2**-24, 0.5, 0.75, -1.0, 2.0, 3.5, -2.5, 1e30, -1e30, 3e38, INF, -INF, NAN]
+# Weight families: softmax renormalized or not, sigmoid (DeepSeek-V3), sqrt-softplus (DeepSeek-V4),
+# top-k then sigmoid (Llama 4).
+FAMILIES = ["softmax_norm", "softmax", "sigmoid", "sqrtsoftplus", "topk_sigmoid"]
 score_value = st.one_of(st.sampled_from(POOL), st.floats(-6, 6, width=32))
 
 
@@ -20,7 +23,7 @@ score_value = st.one_of(st.sampled_from(POOL), st.floats(-6, 6, width=32))
 def routing_case(draw):
     E = draw(st.sampled_from([1, 2, 3, 5, 6, 8, 12, 60]))
     T = draw(st.sampled_from([0, 1, 2, 7]))
-    family = draw(st.sampled_from(["softmax_norm", "softmax", "sigmoid"]))
+    family = draw(st.sampled_from(FAMILIES))
     groups = None
     if E >= 4 and draw(st.booleans()):
         G = draw(st.sampled_from([g for g in (2, 3, 4, 5, 6) if E % g == 0]))
@@ -32,7 +35,7 @@ def routing_case(draw):
     rows = draw(st.lists(st.lists(score_value, min_size=E, max_size=E), min_size=T, max_size=T))
     scores = torch.tensor(rows, dtype=torch.float32).reshape(T, E)
     bias = None
-    if family == "sigmoid" and draw(st.booleans()):
+    if family in ("sigmoid", "sqrtsoftplus") and draw(st.booleans()):
         bias = torch.tensor(draw(st.lists(st.sampled_from([0.0, 0.1, -0.25, 0.5]), min_size=E, max_size=E)))
     return scores, k, m, eps, family, bias, groups
 
@@ -40,8 +43,8 @@ def routing_case(draw):
 def call(scores, k, m, eps, family, bias, groups, scale=1.0, backend="torch"):
     return smooth_topk(
         scores, k, eps, m,
-        scoring_func="sigmoid" if family == "sigmoid" else "softmax",
-        renormalize=family != "softmax",
+        scoring_func="softmax" if family == "softmax_norm" else family,
+        renormalize=family not in ("softmax", "topk_sigmoid"),
         correction_bias=bias,
         num_expert_group=groups[0] if groups else None,
         topk_group=groups[1] if groups else None,

@@ -15,19 +15,34 @@ FMAX = float(np.finfo(np.float32).max)
 
 
 def selection_scores(logits, family, bias=None):
-    """(z, weight source) per expert as float32 lists; NaN -> -inf, +inf -> float max."""
+    """(z, weight source) per expert as float32 lists; NaN -> -inf, +inf -> float max.
+
+    sigmoid and sqrtsoftplus select on the transformed score plus the bias;
+    softmax and topk_sigmoid on the logit (topk_sigmoid weighs by its sigmoid).
+    """
     x = torch.as_tensor(logits, dtype=torch.float32)
-    if family == "sigmoid":
-        sig = torch.tensor([sigmoid(v) for v in x.tolist()], dtype=torch.float32)
+    if family in ("sigmoid", "sqrtsoftplus"):
+        fn = sigmoid if family == "sigmoid" else sqrt_softplus
+        sig = torch.tensor([fn(v) for v in x.tolist()], dtype=torch.float32)
         z = sig + (bias if bias is not None else 0.0)
         z = torch.where(torch.isnan(x), float("-inf"), z)
         src = sig
     else:
         z = src = x
     z = torch.nan_to_num(z, nan=float("-inf"), posinf=FMAX, neginf=float("-inf"))
-    if family != "sigmoid":
+    if family == "topk_sigmoid":
+        src = torch.tensor([sigmoid(v) for v in x.tolist()], dtype=torch.float32)
+    elif family not in ("sigmoid", "sqrtsoftplus"):
         src = z
     return [F32(v) for v in z.tolist()], [F32(v) for v in src.tolist()]
+
+
+def sqrt_softplus(x):
+    """sqrt(log(1 + e^x)) in float64 (x itself above 20, as torch's softplus), NaN -> 0, +inf as float max."""
+    if math.isnan(x):
+        return 0.0
+    x = min(x, FMAX)
+    return math.sqrt(x if x > 20 else math.log1p(math.exp(x)))
 
 
 def sigmoid(x):

@@ -42,25 +42,33 @@ def on_boundary(router, x0, rank_a, rank_b):
     return x
 
 
-def max_jump(seed, ranks, h, k, m, eps):
+# The weight families a sweep is run for: (scoring_func, renormalize). Both new ones select on
+# a monotone function of the logit (no bias here), so the logits' tie is the boundary.
+FAMILIES = {"softmax": ("softmax", True), "sqrtsoftplus": ("sqrtsoftplus", True),
+            "topk_sigmoid": ("topk_sigmoid", False)}
+
+
+def max_jump(seed, ranks, h, k, m, eps, family="softmax"):
     """Largest neighbour jump of the layer's output on a sweep through the tie of `ranks`."""
     router, w13, w2, x0, d = layer(seed)
     x_star = on_boundary(router, x0, *ranks)
     n = round(2 * WINDOW / h)
     t = -WINDOW + h * torch.arange(n + 1, dtype=torch.float64)
     x = (x_star.double() + t[:, None] * d.double()).float()
-    r = smooth_topk(x @ router, k, eps, m)
+    scoring_func, renormalize = FAMILIES[family]
+    r = smooth_topk(x @ router, k, eps, m, scoring_func=scoring_func, renormalize=renormalize)
     y = moe_experts(x, w13, w2, r.ids, r.weights)
     return float((y[1:] - y[:-1]).norm(dim=-1).max()), r
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_topk_boundary(seed):
+def test_topk_boundary(seed, family):
     k, m = 2, 2
     ranks = (k - 1, k)  # the k-th and (k+1)-th swap
     hs = (1e-3, 1e-4)
-    stock = [max_jump(seed, ranks, h, k, m, 0.0)[0] for h in hs]
-    smooth = [max_jump(seed, ranks, h, k, m, 0.5)[0] for h in hs]
+    stock = [max_jump(seed, ranks, h, k, m, 0.0, family)[0] for h in hs]
+    smooth = [max_jump(seed, ranks, h, k, m, 0.5, family)[0] for h in hs]
     # Stock: the swap's jump does not care about h (it is ~0.1-1 here).
     assert stock[1] > 0.5 * stock[0] and stock[1] > 1e-2
     # Smoothed: 10x smaller step, ~10x smaller largest jump (0.2 leaves room

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from smoothsmoe_kernels import RoutingConfig, route, smooth_topk
 from smoothsmoe_kernels.routing_result import FMAX
-from tests.kernels.cases import call, routing_case
+from tests.kernels.cases import FAMILIES, call, routing_case
 from tests.kernels.oracle import route_token, smooth_step
 
 INF = float("inf")
@@ -147,14 +147,14 @@ def test_properties_and_oracle(case):
         assert ext == sorted(ext, key=lambda i: i < 0)
         live = [i for i in row if i >= 0]
         assert len(live) == len(set(live))
-    if family != "softmax" and T:  # the normalizing families
+    if family not in ("softmax", "topk_sigmoid") and T:  # the normalizing families
         torch.testing.assert_close(r.weights.sum(-1), torch.ones(T), atol=1e-5, rtol=0)
-    elif T:
+    elif T and family == "softmax":  # a share of the softmax over all experts (topk_sigmoid: each <= 1)
         assert (r.weights.sum(-1) <= 1 + 1e-5).all()
     for t in range(T):
         ids, w, order, capped, margin = route_token(
-            scores[t].tolist(), k, m, eps, "sigmoid" if family == "sigmoid" else "softmax",
-            renormalize=family != "softmax", bias=bias, groups=groups,
+            scores[t].tolist(), k, m, eps, "softmax" if family == "softmax_norm" else family,
+            renormalize=family not in ("softmax", "topk_sigmoid"), bias=bias, groups=groups,
         )
         assert r.ids[t].tolist() == ids, (t, scores[t])
         assert r.order[t].item() == order and r.capped[t].item() == capped
@@ -177,8 +177,8 @@ def test_routed_scaling_factor_scales_weights(case, scale):
 def stock_topk(logits, k, family, bias=None, groups=None):
     """Plain top-k routing of each family, as vLLM's routers compute it (ties to the lower index)."""
     x = logits.float()
-    if family == "sigmoid":
-        sig = x.sigmoid()
+    if family in ("sigmoid", "sqrtsoftplus"):
+        sig = x.sigmoid() if family == "sigmoid" else torch.nn.functional.softplus(x).sqrt()
         z = sig + (bias if bias is not None else 0.0)
     else:
         z = x
@@ -189,22 +189,24 @@ def stock_topk(logits, k, family, bias=None, groups=None):
         keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.sort(dim=-1, descending=True, stable=True).indices[:, :tg], True)
         z = torch.where(keep.unsqueeze(-1), zg, -INF).view_as(z)
     ids = z.sort(dim=-1, descending=True, stable=True).indices[:, :k]
-    if family == "sigmoid":
+    if family in ("sigmoid", "sqrtsoftplus"):
         w = sig.gather(1, ids)
         w = w / w.sum(-1, keepdim=True)
+    elif family == "topk_sigmoid":
+        w = x.gather(1, ids).sigmoid()
     else:
         p = torch.softmax(x, -1).gather(1, ids)
         w = p / p.sum(-1, keepdim=True) if family == "softmax_norm" else p
     return ids.to(torch.int32), w
 
 
-@pytest.mark.parametrize("family", ["softmax_norm", "softmax", "sigmoid"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("groups", [None, (4, 2)])
 def test_eps_to_zero_is_stock_topk(family, groups):
     torch.manual_seed(0)
     T, E, k, m = 512, 64, 6, 2
     logits = torch.randn(T, E) * 2
-    bias = torch.randn(E) * 0.1 if family == "sigmoid" else None
+    bias = torch.randn(E) * 0.1 if family in ("sigmoid", "sqrtsoftplus") else None
     ref_ids, ref_w = stock_topk(logits, k, family, bias, groups)
     # The smallest gap below the k-th score in this batch: any eps under it
     # leaves every band empty, so routing must be stock exactly.
@@ -218,7 +220,7 @@ def test_eps_to_zero_is_stock_topk(family, groups):
 
 
 # ---------------------------------------------------------------- batch invariance
-@pytest.mark.parametrize("family", ["softmax_norm", "softmax", "sigmoid"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_batch_invariance(family):
     torch.manual_seed(1)
     T, E = 300, 60

@@ -19,6 +19,8 @@ FAMILIES = {
     "sigmoid_bias": (dict(top_k=8, max_extra=4, scoring_func="sigmoid", num_expert_group=4, topk_group=2,
                           routed_scaling_factor=2.5), 0.1),
     "k1_m0": (dict(top_k=1, max_extra=0), None),
+    "sqrtsoftplus_bias": (dict(top_k=6, max_extra=2, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5), 0.1),
+    "topk_sigmoid": (dict(top_k=1, max_extra=2, scoring_func="topk_sigmoid", renormalize=False), None),
 }
 # Both compute in float32 and decide the band on the same float32 gaps, so
 # ids, order, capped, margins and gaps are equal exactly. Weights: the kernel
