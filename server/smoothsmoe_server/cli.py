@@ -1,4 +1,4 @@
-"""smoothsmoe serve|calibrate|eval (python -m smoothsmoe_server does the same).
+"""smoothsmoe serve|calibrate|eval|models (python -m smoothsmoe_server does the same).
 
 `serve` is `vllm serve` with a "Smoothing" group of flags: vLLM's own parser
 and flags, passed through untouched. Our flags are generated from the fields
@@ -206,14 +206,21 @@ def evaluate(argv: list[str]) -> int:
     return evaluation.main(argv)
 
 
+def models(argv: list[str]) -> int:
+    from smoothsmoe_server import model_table
+
+    return model_table.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve": serve, "calibrate": calibrate, "eval": evaluate}
+    commands = {"serve": serve, "calibrate": calibrate, "eval": evaluate, "models": models}
     if not argv or argv[0] not in commands:
-        print("usage: smoothsmoe {serve,calibrate,eval} [-h] ...\n"
+        print("usage: smoothsmoe {serve,calibrate,eval,models} [-h] ...\n"
               "  serve      OpenAI-compatible server with smoothed MoE routing (default model: embedded tiny MoE)\n"
               "  calibrate  fit per-layer eps on your prompts, write a JSON file for --smooth-eps\n"
-              "  eval       cost, quality and stability of smoothing on your model and text, against stock",
+              "  eval       cost, quality and stability of smoothing on your model and text, against stock\n"
+              "  models     the installed vLLM's MoE model classes: smoothed, or stock and why",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])

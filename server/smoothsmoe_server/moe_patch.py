@@ -22,7 +22,9 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.models.utils import extract_layer_index
 
 from smoothsmoe_kernels import RoutingConfig
+from smoothsmoe_kernels.config import BIASED_SCORING_FUNCS, SCORING_FUNCS
 from smoothsmoe_server.eps import EpsPlan
+from smoothsmoe_server.family_probe import recognise_routing_function
 from smoothsmoe_server.options import SmoothingOptions
 from smoothsmoe_server.router import CountingRouter, SmoothRouter
 
@@ -46,7 +48,9 @@ def install(options: SmoothingOptions, eps_plan: EpsPlan) -> None:
     # Read __dict__ rather than getattr: lazy module attributes would import
     # image code that needs torchvision.
     for name, module in list(sys.modules.items()):
-        if name.startswith("vllm.model_executor.models.") and vars(module).get("FusedMoEFactory") is current:
+        # Model code lives in both packages in vLLM 0.32 (DeepSeek-V4 and others under vllm.models).
+        if name.startswith(("vllm.model_executor.models.", "vllm.models.")) and \
+                vars(module).get("FusedMoEFactory") is current:
             module.FusedMoEFactory = wrapped
 
 
@@ -71,7 +75,8 @@ def _wrap(original: Callable, options: SmoothingOptions, eps_plan: EpsPlan) -> C
         if options.enabled and reason is None:
             router = SmoothRouter(config, num_experts, prefix, layer_index, eps_plan.initial(layer_index), bias, device,
                                   options)
-            runner = original(**{**a, "top_k": config.width, "router": router})
+            # Our router replaces a recognised custom routing function as well as vLLM's own.
+            runner = original(**{**a, "top_k": config.width, "router": router, "custom_routing_function": None})
             router.experts = experts = use_our_experts(runner, options, device, prefix)
             logger.info("smoothsmoe: %s smoothed, top_k %d -> width %d, experts: %s", prefix, config.top_k,
                         config.width, experts)
@@ -93,22 +98,34 @@ def _wrap(original: Callable, options: SmoothingOptions, eps_plan: EpsPlan) -> C
 def routing_config(a: dict, max_extra: int) -> tuple[RoutingConfig | None, str | None]:
     """The layer's RoutingConfig, and why it cannot be smoothed (None if it can).
 
-    The config is None where even its family is outside the spec's three.
+    Read from how vLLM would route the layer: its scoring function,
+    renormalization, bias, grouping, or its custom routing function, which is
+    recognised by what it computes (family_probe), never by name. The config is
+    None where the routing is none of the spec's families.
     """
-    if a["custom_routing_function"] is not None or a["router"] is not None:
-        return None, "the model supplies its own routing function"
-    if a["scoring_func"] not in ("softmax", "sigmoid"):
-        return None, f"scoring_func {a['scoring_func']!r} is not one of the spec's families"
-    if a["e_score_correction_bias"] is not None and a["scoring_func"] != "sigmoid":
-        return None, "a correction bias with softmax scoring is not one of the spec's families"
+    if a["router"] is not None:
+        return None, "the model supplies its own router"
+    scoring_func, renormalize = a["scoring_func"], a["renormalize"]
+    custom = a["custom_routing_function"]
+    if custom is not None:
+        family = recognise_routing_function(custom, a["top_k"], renormalize, a["num_experts"])
+        name = getattr(custom, "__qualname__", repr(custom))
+        if family is None:
+            return None, f"its routing function {name} computes none of the spec's families (probed on random logits)"
+        scoring_func, renormalize = family
+        logger.info("smoothsmoe: %s routing function %s computes the %s family", a["prefix"], name, scoring_func)
+    elif scoring_func not in SCORING_FUNCS or scoring_func == "topk_sigmoid":
+        return None, f"scoring_func {scoring_func!r} is not one of the spec's families"
+    if a["e_score_correction_bias"] is not None and scoring_func not in BIASED_SCORING_FUNCS:
+        return None, f"a correction bias with {scoring_func} scoring is not one of the spec's families"
     grouped = a["use_grouped_topk"]
     scale = 1.0 if a["apply_routed_scale_to_output"] else a["routed_scaling_factor"]  # as vLLM's factory does
     try:
         config = RoutingConfig(
             top_k=a["top_k"],
             max_extra=max_extra,
-            scoring_func=a["scoring_func"],
-            renormalize=a["renormalize"],
+            scoring_func=scoring_func,
+            renormalize=renormalize,
             num_expert_group=a["num_expert_group"] if grouped else None,
             topk_group=a["topk_group"] if grouped else None,
             routed_scaling_factor=scale,
@@ -124,6 +141,8 @@ def routing_config(a: dict, max_extra: int) -> tuple[RoutingConfig | None, str |
         ("hash routing", a["hash_indices_table"] is not None),
         ("zero experts", a["zero_expert_type"] is not None),
         ("vision routing bias", a["bias_vl"] is not None),
+        ("router weights applied to the input (vLLM's experts kernels do that at top-k 1 only)",
+         a["apply_router_weight_on_input"] and max_extra > 0),
     ):
         if unsupported:
             return config, f"{why} is not supported with smoothing"

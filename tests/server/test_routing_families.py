@@ -1,0 +1,112 @@
+"""The routing families of models that hand vLLM their own routing, against vLLM's code.
+
+Llama 4 passes a custom routing function (top-k of the logits, then a sigmoid
+of each): the plugin recognises it by what it computes, and our family equals
+it at eps -> 0, in the torch reference and the Triton kernel. DeepSeek-V4's
+sqrt-softplus routing runs on vLLM's CPU build only through an AVX512 kernel
+(biased_topk_cpu); where the CPU has none, that comparison is skipped and the
+family is checked against the formula of vLLM's docstring instead
+(tests/kernels/test_routing.py, test_eps_to_zero_is_stock_topk).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
+from vllm.model_executor.models.llama4 import Llama4MoE
+from vllm.model_executor.models.phimoe import phimoe_routing_function
+
+from smoothsmoe_kernels import RoutingConfig, route
+from smoothsmoe_kernels.routing_triton import smooth_topk_triton
+from smoothsmoe_server.family_probe import recognise_routing_function
+from smoothsmoe_server.moe_patch import routing_config
+
+
+def by_expert(ids, weights):
+    order = ids.long().argsort(dim=-1)
+    return ids.long().gather(1, order), weights.float().gather(1, order)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_llama4_routing_at_eps_zero(k):
+    torch.manual_seed(0)
+    logits = torch.randn(200, 16) * 3
+    w, ids = Llama4MoE.custom_routing_function(hidden_states=None, gating_output=logits, topk=k, renormalize=False)
+    config = RoutingConfig(top_k=k, max_extra=2, scoring_func="topk_sigmoid", renormalize=False)
+    for ours in (route(logits, config, 0.0), smooth_topk_triton(logits, config, torch.tensor(0.0))[0]):
+        assert (ours.ids[:, k:] == -1).all()
+        got_ids, got_w = by_expert(ours.ids[:, :k], ours.weights[:, :k])
+        ref_ids, ref_w = by_expert(ids, w)
+        assert torch.equal(got_ids, ref_ids)
+        assert (got_w - ref_w).abs().max() <= 1e-5
+
+
+def test_the_probe_recognises_llama4_and_nothing_it_cannot_match():
+    assert recognise_routing_function(Llama4MoE.custom_routing_function, 1, False, 16) == ("topk_sigmoid", False)
+
+    def reads_hidden(hidden_states, gating_output, topk, renormalize):
+        w, i = (gating_output + hidden_states[:, :1]).topk(topk, dim=-1)
+        return w.sigmoid(), i
+
+    def fails(hidden_states, gating_output, topk, renormalize):
+        raise RuntimeError("needs a GPU")
+
+    for fn in (phimoe_routing_function, reads_hidden, fails):
+        assert recognise_routing_function(fn, 2, False, 16) is None, fn
+
+
+def factory_args(**kw) -> dict:
+    base = dict(num_experts=16, top_k=1, hidden_size=64, intermediate_size=32, prefix="model.layers.3.feed_forward")
+    bound = inspect.signature(FusedMoEFactory).bind(**{**base, **kw})
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+@pytest.fixture
+def vllm_config():
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig()):  # routing_config reads the parallel settings
+        yield
+
+
+def test_detection_reads_how_vllm_would_route_the_layer(vllm_config):
+    # Llama 4's layer: recognised, but its router weights go on the input, which vLLM's kernels do at top-k 1 only.
+    llama4 = dict(custom_routing_function=Llama4MoE.custom_routing_function, renormalize=False)
+    config, why = routing_config(factory_args(**llama4, apply_router_weight_on_input=True), 2)
+    assert config.scoring_func == "topk_sigmoid" and "applied to the input" in why
+    assert routing_config(factory_args(**llama4, apply_router_weight_on_input=True), 0)[1] is None  # no extras
+    config, why = routing_config(factory_args(**llama4), 2)
+    assert config.scoring_func == "topk_sigmoid" and not config.renormalize and why is None
+    # DeepSeek-V4's score-based layers are smoothed; its hash-routed layers stay stock.
+    dsv4 = dict(top_k=6, scoring_func="sqrtsoftplus", renormalize=True, e_score_correction_bias=torch.zeros(16),
+                routed_scaling_factor=1.5)
+    config, why = routing_config(factory_args(**dsv4), 2)
+    assert config.scoring_func == "sqrtsoftplus" and config.routed_scaling_factor == 1.5 and why is None
+    assert "hash routing" in routing_config(factory_args(**dsv4, hash_indices_table=torch.zeros(8, 6)), 2)[1]
+    # A routing function the probe cannot match: stock, with the reason, never guessed.
+    config, why = routing_config(factory_args(custom_routing_function=phimoe_routing_function, top_k=2), 2)
+    assert config is None and "phimoe_routing_function" in why and "none of the spec's families" in why
+    assert "not one of the spec's families" in routing_config(factory_args(scoring_func="relu"), 2)[1]
+
+
+def test_sqrtsoftplus_at_eps_zero_equals_vllm_cpu_routing():
+    if not hasattr(torch.ops._C, "biased_topk_cpu"):
+        from vllm.platforms import current_platform
+
+        current_platform.import_kernels()
+    if not hasattr(torch.ops._C, "biased_topk_cpu"):
+        pytest.skip("vLLM's sqrt-softplus CPU routing (biased_topk_cpu) is an AVX512 kernel; this CPU has none")
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import _sqrtsoftplus_bias_topk
+
+    torch.manual_seed(0)
+    logits, bias = torch.randn(200, 32) * 2, torch.randn(32) * 0.1
+    w, ids = _sqrtsoftplus_bias_topk(logits, 6, True, bias, 1.5, None, None)
+    ours = route(logits, RoutingConfig(top_k=6, max_extra=2, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5),
+                 0.0, bias)
+    got_ids, got_w = by_expert(ours.ids[:, :6], ours.weights[:, :6])
+    ref_ids, ref_w = by_expert(ids, w)
+    assert torch.equal(got_ids, ref_ids) and (got_w - ref_w).abs().max() <= 1e-5
