@@ -32,6 +32,8 @@ TESTED = {
     "OlmoeForCausalLM": "tests/server/test_architectures.py",
     "DeepseekV2ForCausalLM": "tests/server/test_architectures.py",
     "DeepseekV3ForCausalLM": "tests/server/test_architectures.py",
+    "GraniteMoeForCausalLM": "tests/server/test_architectures.py",
+    "Glm4MoeForCausalLM": "tests/server/test_architectures.py",
 }
 FAMILY_NAMES = {"softmax": "softmax", "sigmoid": "sigmoid", "sqrtsoftplus": "sqrt-softplus",
                 "topk_sigmoid": "top-k, then sigmoid"}

@@ -72,6 +72,10 @@ SHAPES: dict[str, dict[str, int]] = {
     # sigmoid + e_score_correction_bias (noaux_tc), 4 groups, best 2, top-4,
     # renormalised then scaled by routed_scaling_factor; 1 shared expert
     "deepseek_v3": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS, "n_group": 4, "topk_group": 2},
+    # Granite MoE: softmax top-2, renormalised (its router is `router`)
+    "granitemoe": {"top_k": 2, "num_experts": 8, "num_moe_layers": NUM_LAYERS},
+    # GLM-4.5: sigmoid + correction bias, 4 groups, best 2, top-4, scaled; 1 shared expert
+    "glm4_moe": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS, "n_group": 4, "topk_group": 2},
 }
 
 ARCHITECTURES = {
@@ -80,10 +84,12 @@ ARCHITECTURES = {
     "olmoe": "OlmoeForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "granitemoe": "GraniteMoeForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
 
 # The architectures verified to load and generate on stock vLLM's CPU backend.
-ARCHS: list[str] = ["qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3"]
+ARCHS: list[str] = ["qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe", "glm4_moe"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -187,6 +193,36 @@ def _config(arch: str):
             routed_scaling_factor=2.5,
             num_nextn_predict_layers=0,  # no MTP layer in the checkpoint
         )
+    if arch == "granitemoe":
+        from transformers import GraniteMoeConfig
+
+        return GraniteMoeConfig(
+            **{**_common(arch), "intermediate_size": MOE_INTERMEDIATE_SIZE},  # the experts' size
+            num_key_value_heads=2,
+            num_local_experts=s["num_experts"],
+            num_experts_per_tok=s["top_k"],
+            rms_norm_eps=1e-6,
+        )
+    if arch == "glm4_moe":
+        from transformers import Glm4MoeConfig
+
+        return Glm4MoeConfig(
+            **_common(arch),
+            num_key_value_heads=2,
+            head_dim=HEAD_DIM,
+            moe_intermediate_size=MOE_INTERMEDIATE_SIZE,
+            n_routed_experts=s["num_experts"],
+            num_experts_per_tok=s["top_k"],
+            n_shared_experts=1,
+            n_group=s["n_group"],
+            topk_group=s["topk_group"],
+            first_k_dense_replace=0,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            use_qk_norm=True,
+            num_mtp_layers=0,
+            rms_norm_eps=1e-5,
+        )
     raise ValueError(f"unknown arch {arch!r}; known: {sorted(SHAPES)}")
 
 
@@ -211,7 +247,8 @@ def build_tiny(arch: str, out_dir: pathlib.Path, cache_dir: str | os.PathLike | 
             for name, p in model.named_parameters():
                 # The routers: [num_experts, hidden] gate weights (not the
                 # shared-expert MLPs' gate_proj, nor qwen2_moe's 1-wide shared_expert_gate).
-                if name.endswith(".gate.weight") and tuple(p.shape) == (s["num_experts"], HIDDEN_SIZE):
+                if name.endswith((".gate.weight", ".router.weight")) and \
+                        tuple(p.shape) == (s["num_experts"], HIDDEN_SIZE):
                     p.copy_(torch.randn(p.shape, generator=gen) * ROUTER_STD)
                     n_router += 1
             for name, b in list(model.named_parameters()) + list(model.named_buffers()):
