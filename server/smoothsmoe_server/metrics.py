@@ -81,6 +81,8 @@ class RoutingMetrics(Collector):
                 bounds.add_metric([layer, "max"], s["eps_bounds"][1])
             smoothed.add_metric([layer], 1.0 if s["smoothed"] else 0.0)
             experts.add_metric([layer, s["experts"]], 1.0)
+        for s in self.snapshot.get("uncounted", []):
+            smoothed.add_metric([str(s["layer"])], 0.0)
         info = GaugeMetricFamily("smoothsmoe_config_info", "Smoothing configuration (value is always 1).",
                                  labels=["top_k", "max_extra", "budget", "smoothing", "model"])
         budget = GaugeMetricFamily("smoothsmoe_extra_budget",

@@ -34,6 +34,7 @@ TESTED = {
     "DeepseekV3ForCausalLM": "tests/server/test_architectures.py",
     "GraniteMoeForCausalLM": "tests/server/test_architectures.py",
     "Glm4MoeForCausalLM": "tests/server/test_architectures.py",
+    "PhiMoEForCausalLM": "tests/server/test_architectures.py (stays stock)",
 }
 FAMILY_NAMES = {"softmax": "softmax", "sigmoid": "sigmoid", "sqrtsoftplus": "sqrt-softplus",
                 "topk_sigmoid": "top-k, then sigmoid"}

@@ -90,6 +90,8 @@ def _wrap(original: Callable, options: SmoothingOptions, eps_plan: EpsPlan) -> C
                                            options)
         else:
             logger.warning("smoothsmoe: %s is not counted either (%s)", prefix, reason)
+            # Read by the worker's snapshot: the layer is listed as stock (smoothsmoe_layer_smoothed 0).
+            runner.smoothsmoe_stock_layer = (layer_index, reason)
         return runner
 
     return smoothsmoe_factory

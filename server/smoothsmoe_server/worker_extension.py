@@ -112,6 +112,13 @@ class SmoothWorkerExtension:
                 }
                 for r in routers
             ],
+            # Layers with neither router: stock routing vLLM's way, not counted (no family to count by).
+            "uncounted": [
+                {"layer": layer, "reason": reason}
+                for layer, reason in sorted(getattr(m, "smoothsmoe_stock_layer") for m in
+                                            self.model_runner.get_model().modules()
+                                            if hasattr(m, "smoothsmoe_stock_layer"))
+            ],
         }
 
     def smoothsmoe_probe_layer(self, layer_index: int, rel_steps: list[float], seed: int = 0) -> dict | None:

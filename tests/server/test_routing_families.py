@@ -110,3 +110,16 @@ def test_sqrtsoftplus_at_eps_zero_equals_vllm_cpu_routing():
     got_ids, got_w = by_expert(ours.ids[:, :6], ours.weights[:, :6])
     ref_ids, ref_w = by_expert(ids, w)
     assert torch.equal(got_ids, ref_ids) and (got_w - ref_w).abs().max() <= 1e-5
+
+
+def test_a_layer_without_a_family_is_exported_as_stock():
+    """Such a layer has no counters (no family to count by); /metrics still names it, smoothed 0.
+    The live path (the snapshot's "uncounted" list) is covered by the Phi-3.5-MoE checkpoint of
+    test_architectures."""
+    from smoothsmoe_server.metrics import RoutingMetrics
+
+    metrics = RoutingMetrics()
+    metrics.update({"options": None, "layers": [],
+                    "uncounted": [{"layer": 0, "reason": "r"}, {"layer": 1, "reason": "r"}]})
+    smoothed = next(f for f in metrics.collect() if f.name == "smoothsmoe_layer_smoothed")
+    assert sorted((s.labels["layer"], s.value) for s in smoothed.samples) == [("0", 0.0), ("1", 0.0)]

@@ -27,6 +27,7 @@ Only torch, transformers, safetensors, the standard library and the project's
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -60,7 +61,7 @@ QK_NOPE_HEAD_DIM = 64
 V_HEAD_DIM = 64
 
 # Per architecture: top_k, num_experts, num_moe_layers (and the routing flavour).
-SHAPES: dict[str, dict[str, int]] = {
+SHAPES: dict[str, dict] = {
     # softmax top-4 without renormalisation, plus a sigmoid-gated shared expert
     "qwen2_moe": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS},
     # softmax top-2, renormalised
@@ -76,6 +77,10 @@ SHAPES: dict[str, dict[str, int]] = {
     "granitemoe": {"top_k": 2, "num_experts": 8, "num_moe_layers": NUM_LAYERS},
     # GLM-4.5: sigmoid + correction bias, 4 groups, best 2, top-4, scaled; 1 shared expert
     "glm4_moe": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS, "n_group": 4, "topk_group": 2},
+    # Phi-3.5-MoE: its own routing function (sparsemixer, top-2), which is none of the spec's
+    # families: the layers stay stock, listed with the reason
+    "phimoe": {"top_k": 2, "num_experts": 8, "num_moe_layers": NUM_LAYERS,
+               "stock_reason": "computes none of the spec's families"},
 }
 
 ARCHITECTURES = {
@@ -86,10 +91,11 @@ ARCHITECTURES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "granitemoe": "GraniteMoeForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
+    "phimoe": "PhiMoEForCausalLM",
 }
 
 # The architectures verified to load and generate on stock vLLM's CPU backend.
-ARCHS: list[str] = ["qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe", "glm4_moe"]
+ARCHS: list[str] = ["qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe", "glm4_moe", "phimoe"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -223,6 +229,16 @@ def _config(arch: str):
             num_mtp_layers=0,
             rms_norm_eps=1e-5,
         )
+    if arch == "phimoe":
+        from transformers import PhimoeConfig
+
+        return PhimoeConfig(
+            **{**_common(arch), "intermediate_size": MOE_INTERMEDIATE_SIZE},  # the experts' size
+            num_key_value_heads=2,
+            num_local_experts=s["num_experts"],
+            num_experts_per_tok=s["top_k"],
+            rms_norm_eps=1e-5,
+        )
     raise ValueError(f"unknown arch {arch!r}; known: {sorted(SHAPES)}")
 
 
@@ -258,6 +274,11 @@ def build_tiny(arch: str, out_dir: pathlib.Path, cache_dir: str | os.PathLike | 
             raise RuntimeError(f"{arch}: found {n_router} routers, expected {s['num_moe_layers']}")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # writes config.json and per-expert model.safetensors
+    # transformers names the class its own way (PhimoeForCausalLM); vLLM's native class is what we test.
+    config_path = out / "config.json"
+    config_json = json.loads(config_path.read_text())
+    config_json["architectures"] = [ARCHITECTURES[arch]]
+    config_path.write_text(json.dumps(config_json, indent=2))
     GenerationConfig(eos_token_id=[EOS_TOKEN_ID, PAD_TOKEN_ID], pad_token_id=PAD_TOKEN_ID).save_pretrained(out)
 
     tok_src = ensure_default_model(cache_dir, progress=None)
