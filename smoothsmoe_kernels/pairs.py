@@ -63,9 +63,10 @@ class TileSchedule:
     """
 
     flat_slot: torch.Tensor  # [T*W] int32, active slots sorted by expert first; entries past them unspecified
-    expert: torch.Tensor  # [max_tiles] int32, E past num_tiles
+    # Entries past num_tiles: the reference writes expert E, rows 0; the Triton schedule leaves them unwritten.
+    expert: torch.Tensor  # [max_tiles] int32
     row: torch.Tensor  # [max_tiles] int32, first sorted pair of the tile
-    rows: torch.Tensor  # [max_tiles] int32, pairs in the tile (0 past num_tiles)
+    rows: torch.Tensor  # [max_tiles] int32, pairs in the tile
     num_tiles: torch.Tensor  # [] int32, tiles with work
 
 

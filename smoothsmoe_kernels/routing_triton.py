@@ -35,6 +35,7 @@ def _smooth_topk_kernel(
     G: tl.constexpr, GS: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr,
     HAS_VALID: tl.constexpr, HAS_STATS: tl.constexpr, NB: tl.constexpr,
     HITS_OFF: tl.constexpr, MARGIN_OFF: tl.constexpr, TOPK_OFF: tl.constexpr, EXTRA_OFF: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
     FMAX_C: tl.constexpr, STEP_B_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     W: tl.constexpr = K + M
@@ -172,24 +173,29 @@ def _smooth_topk_kernel(
         if HAS_VALID:
             counted = counted & (tl.load(valid_ptr + offs_t, mask=row_ok, other=0) != 0)
         one = counted.to(tl.float64)
-        order64 = order.to(tl.float64)
-        tl.atomic_add(stats_ptr + 0, tl.sum(one, axis=0))
-        tl.atomic_add(stats_ptr + 1, tl.sum(one * (K + order64), axis=0))
-        tl.atomic_add(stats_ptr + 2, tl.sum(one * order64, axis=0))
-        tl.atomic_add(stats_ptr + 3, tl.sum(one * capped.to(tl.float64), axis=0))
-        tl.atomic_add(stats_ptr + 4, tl.sum(tl.where(counted & (margin < FMAX_C), margin.to(tl.float64), 0.0), axis=0))
-        for o in tl.static_range(1, M + 1):
-            tl.atomic_add(stats_ptr + HITS_OFF + o - 1, tl.sum(tl.where(order == o, one, 0.0), axis=0))
+        # Two atomic calls per program, relaxed: a counter needs no ordering, and
+        # one fenced scalar atomic per counter (about 30) cost twice the routing
+        # itself in a decode step. First the head of the layout (tokens .. margin
+        # histogram): each token's row of contributions, summed over the block.
         bucket = tl.zeros((BLOCK_T,), tl.int32)
         for b in tl.static_range(NB):
             bucket += (margin > tl.load(edges_ptr + b)).to(tl.int32)
-        for b in tl.static_range(NB + 1):
-            tl.atomic_add(stats_ptr + MARGIN_OFF + b, tl.sum(tl.where(bucket == b, one, 0.0), axis=0))
-        for j in tl.static_range(W):
-            e_j = tl.sum(tl.where(offs_w[None, :] == j, ids, 0), axis=1)
-            on_j = counted & (e_j >= 0)
-            base = TOPK_OFF if j < K else EXTRA_OFF
-            tl.atomic_add(stats_ptr + base + tl.where(on_j, e_j, 0), one, mask=on_j)
+        order64 = order.to(tl.float64)[:, None]
+        c = tl.arange(0, HEAD_PAD)[None, :]
+        row = tl.where(c == 0, 1.0, 0.0)
+        row += tl.where(c == 1, K + order64, 0.0) + tl.where(c == 2, order64, 0.0)
+        row += tl.where(c == 3, capped.to(tl.float64)[:, None], 0.0)
+        row += tl.where((c == 4) & (margin < FMAX_C)[:, None], margin.to(tl.float64)[:, None], 0.0)
+        row += tl.where((c >= HITS_OFF) & (c - HITS_OFF + 1 == order[:, None]), 1.0, 0.0)  # order 0: no column
+        row += tl.where((c >= MARGIN_OFF) & (c - MARGIN_OFF == bucket[:, None]), 1.0, 0.0)
+        head = tl.sum(row * one[:, None], axis=0)
+        offs_h = tl.arange(0, HEAD_PAD)
+        tl.atomic_add(stats_ptr + offs_h, head, mask=offs_h < MARGIN_OFF + NB + 1, sem="relaxed")
+        # Then tokens per expert: one add per active (token, slot), top-k and extra slots apart.
+        on = counted[:, None] & (ids >= 0) & (offs_w[None, :] < W)
+        base = tl.where(offs_w[None, :] < K, TOPK_OFF, EXTRA_OFF)
+        tl.atomic_add(stats_ptr + base + tl.where(on, ids, 0), tl.where(on, 1.0, 0.0).to(tl.float64), mask=on,
+                      sem="relaxed")
 
 
 @triton.jit
@@ -215,6 +221,7 @@ def smooth_topk_triton(
     stats: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     block_t: int = 16,
+    num_warps: int = 4,
 ) -> tuple[RoutingResult, BandGaps]:
     """Route scores [T, E] (fp32/bf16/fp16) in one launch; optionally count into `stats`.
 
@@ -257,7 +264,8 @@ def smooth_topk_triton(
             HAS_VALID=valid is not None, HAS_STATS=stats is not None, NB=len(layout.margin_edges),
             HITS_OFF=layout.hits.start, MARGIN_OFF=layout.margin_buckets.start,
             TOPK_OFF=layout.expert_topk.start, EXTRA_OFF=layout.expert_extra.start,
-            FMAX_C=FMAX, STEP_B_C=STEP_B, BLOCK_T=block_t,
+            HEAD_PAD=triton.next_power_of_2(layout.margin_buckets.stop),
+            FMAX_C=FMAX, STEP_B_C=STEP_B, BLOCK_T=block_t, num_warps=num_warps,
         )
     result = RoutingResult(ids=out.ids, weights=out.weights, order=out.order, capped=out.capped_u8.view(torch.bool),
                            margin=out.margin)

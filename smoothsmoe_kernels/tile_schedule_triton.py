@@ -14,7 +14,8 @@ The flat slots of ids [T, W] are cut into chunks of CHUNK slots:
      pair_start[e] + chunk base[e] + its rank among the chunk's slots of e
 
 The order equals a stable sort by expert (pairs.tile_schedule, the
-reference), so results are deterministic. No host sync, no atomics, no
+reference), so results are deterministic; tiles past num_tiles are left
+unwritten (the reference fills them with E and 0 rows). No host sync, no atomics, no
 memset; every shape depends on (T, W, E, BLOCK_M) only: capturable in a CUDA
 graph. Slots whose id is outside [0, E) are inactive.
 
@@ -54,7 +55,7 @@ def _chunk_counts_kernel(ids_ptr, counts_ptr, P, E: tl.constexpr, E_PAD: tl.cons
 
 @triton.jit
 def _tile_table(
-    counts, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, grid_tiles,
+    counts, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr,
     E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
 ):
     """From the pairs per expert counts [E_PAD]: write the tile table; return each expert's first sorted pair."""
@@ -65,7 +66,10 @@ def _tile_table(
     pair_start = tl.cumsum(counts, axis=0) - counts
     num_tiles = tl.sum(tiles, axis=0)
     tl.store(num_tiles_ptr, num_tiles)
-    for t0 in range(0, grid_tiles, TILE_ROWS):
+    # Only the live tiles are written: the experts kernels return at once on a
+    # tile >= num_tiles, and the grid (slots / BLOCK_M + E) is mostly dead in
+    # decode, where a full pass cost a quarter of the layer at E = 128.
+    for t0 in range(0, num_tiles, TILE_ROWS):
         t = t0 + tl.arange(0, TILE_ROWS)
         # A tile's expert is the number of experts whose tiles all come before it.
         e = tl.sum((tiles_end[None, :] <= t[:, None]).to(tl.int32), axis=1)
@@ -74,16 +78,15 @@ def _tile_table(
         start = tl.sum(tl.where(pick, pair_start[None, :], 0), axis=1)
         left = tl.sum(tl.where(pick, counts[None, :], 0), axis=1) - nth * BLOCK_M
         live = t < num_tiles
-        in_grid = t < grid_tiles
-        tl.store(expert_ptr + t, tl.where(live, e, E), mask=in_grid)
-        tl.store(row_ptr + t, tl.where(live, start + nth * BLOCK_M, 0), mask=in_grid)
-        tl.store(rows_ptr + t, tl.where(live, tl.minimum(left, BLOCK_M), 0), mask=in_grid)
+        tl.store(expert_ptr + t, e, mask=live)
+        tl.store(row_ptr + t, start + nth * BLOCK_M, mask=live)
+        tl.store(rows_ptr + t, tl.minimum(left, BLOCK_M), mask=live)
     return pair_start
 
 
 @triton.jit
 def _tile_offsets_kernel(
-    counts_ptr, pair_start_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, num_chunks, grid_tiles,
+    counts_ptr, pair_start_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, num_chunks,
     E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK_ROWS: tl.constexpr, TILE_ROWS: tl.constexpr,
 ):
     """The only program: chunk bases (in place of the chunk counts), expert offsets, the tile table."""
@@ -96,19 +99,19 @@ def _tile_offsets_kernel(
         cnt = tl.load(ptrs, mask=ok, other=0)
         tl.store(ptrs, tl.cumsum(cnt, axis=0) - cnt + running[None, :], mask=ok)  # exclusive, per expert
         running += tl.sum(cnt, axis=0)
-    pair_start = _tile_table(running, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, grid_tiles,
+    pair_start = _tile_table(running, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr,
                              E, E_PAD, BLOCK_M, TILE_ROWS)
     tl.store(pair_start_ptr + cols, pair_start)
 
 
 @triton.jit
 def _one_chunk_schedule_kernel(
-    ids_ptr, flat_slot_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, P, grid_tiles,
+    ids_ptr, flat_slot_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, P,
     E: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, TILE_ROWS: tl.constexpr,
 ):
     """The only program, when all slots fit one chunk (decode): steps 1 to 3 in one launch."""
     offs, e, onehot = _chunk_onehot(ids_ptr, 0, P, E, E_PAD, CHUNK)
-    pair_start = _tile_table(tl.sum(onehot, axis=0), expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, grid_tiles,
+    pair_start = _tile_table(tl.sum(onehot, axis=0), expert_ptr, row_ptr, rows_ptr, num_tiles_ptr,
                              E, E_PAD, BLOCK_M, TILE_ROWS)
     _scatter(onehot, offs, e, pair_start, tl.zeros((E_PAD,), tl.int32), flat_slot_ptr, P, E, E_PAD)
 
@@ -159,13 +162,13 @@ def tile_schedule_triton(ids: torch.Tensor, num_experts: int, block_m: int) -> T
     tile_rows = max(16, ONEHOT_ELEMENTS // E_PAD // 2)
     if num_chunks == 1:  # decode-sized: one launch instead of three
         _one_chunk_schedule_kernel[(1,)](
-            flat, flat_slot, expert, row, rows, num_tiles, P, grid_tiles,
+            flat, flat_slot, expert, row, rows, num_tiles, P,
             E=E, E_PAD=E_PAD, CHUNK=chunk, BLOCK_M=block_m, TILE_ROWS=tile_rows,
         )
     else:
         _chunk_counts_kernel[(num_chunks,)](flat, counts, P, E=E, E_PAD=E_PAD, CHUNK=chunk)
         _tile_offsets_kernel[(1,)](
-            counts, pair_start, expert, row, rows, num_tiles, num_chunks, grid_tiles,
+            counts, pair_start, expert, row, rows, num_tiles, num_chunks,
             E=E, E_PAD=E_PAD, BLOCK_M=block_m, CHUNK_ROWS=max(1, ONEHOT_ELEMENTS // E_PAD // 2),
             TILE_ROWS=tile_rows,
         )

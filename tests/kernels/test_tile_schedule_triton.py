@@ -36,8 +36,10 @@ def test_schedule_matches_the_torch_one(T, W, E, block_m, kind):
     ref, out = tile_schedule(ids, E, block_m), tile_schedule_triton(ids, E, block_m)
     active = int(((ids >= 0) & (ids < E)).sum())
     assert torch.equal(out.flat_slot[:active], ref.flat_slot[:active])  # a stable sort by expert
-    assert torch.equal(out.expert, ref.expert) and torch.equal(out.row, ref.row) and torch.equal(out.rows, ref.rows)
     assert int(out.num_tiles) == int(ref.num_tiles)
+    live = int(ref.num_tiles)  # tiles past num_tiles are not written (the experts kernels skip them)
+    for name in ("expert", "row", "rows"):
+        assert torch.equal(getattr(out, name)[:live], getattr(ref, name)[:live]), name
     if T == 2 and kind == "random":  # pairs.TileSchedule's worked example
         assert out.flat_slot[:3].tolist() == [1, 2, 0] and out.expert[:2].tolist() == [0, 3]
 
