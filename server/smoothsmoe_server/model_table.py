@@ -35,6 +35,11 @@ TESTED = {
     "GraniteMoeForCausalLM": "tests/server/test_architectures.py",
     "Glm4MoeForCausalLM": "tests/server/test_architectures.py",
     "PhiMoEForCausalLM": "tests/server/test_architectures.py (stays stock)",
+    "GptOssForCausalLM": "tests/server/test_architectures.py",
+    "Llama4ForCausalLM": "tests/server/test_architectures.py (stays stock)",
+    "Qwen3NextForCausalLM": "tests/server/test_architectures.py",
+    "MiniMaxM2ForCausalLM": "tests/server/test_architectures.py (sigmoid + bias)",
+    "Ernie4_5_MoeForCausalLM": "tests/server/test_architectures.py (stays stock)",
 }
 FAMILY_NAMES = {"softmax": "softmax", "sigmoid": "sigmoid", "sqrtsoftplus": "sqrt-softplus",
                 "topk_sigmoid": "top-k, then sigmoid"}

@@ -15,6 +15,29 @@ import sys
 
 PROMPTS = ["The morning was cold and", "Computer programs are"]
 
+def fill_ungrouped_sigmoid() -> None:
+    """Route sigmoid layers without expert groups (MiniMax-M2) on vLLM's CPU router.
+
+    Its CPU router has branches for grouped top-k, sqrt-softplus, a custom
+    function and plain softmax, and asserts on anything else; on CUDA, vLLM
+    routes such a layer with its fused sigmoid + bias top-k. vLLM's own grouped
+    routine with a single group kept computes exactly that (sigmoid scores,
+    top-k of score + bias, unbiased weights renormalized, scaled), so the stock
+    run uses it for this one case and nothing else changes.
+    """
+    from vllm.model_executor.layers.fused_moe.router import cpu_router
+
+    original = cpu_router.CPURouter._compute_routing
+
+    def compute_routing(self, hidden_states, router_logits, indices_type, **kw):
+        if not self.use_grouped_topk and self.scoring_func == "sigmoid" and self.custom_routing_function is None:
+            return cpu_router._grouped_topk(router_logits, self.top_k, self.renormalize, 1, 1, "sigmoid",
+                                            self.routed_scaling_factor, self.e_score_correction_bias)
+        return original(self, hidden_states, router_logits, indices_type, **kw)
+
+    cpu_router.CPURouter._compute_routing = compute_routing
+
+
 if __name__ == "__main__":
     model, mode = sys.argv[1], sys.argv[2]
     os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
@@ -24,6 +47,7 @@ if __name__ == "__main__":
         os.environ.update(SmoothingOptions(eps="0").to_env())
     else:
         os.environ["VLLM_PLUGINS"] = ""  # stock vLLM: no plugin at all
+        fill_ungrouped_sigmoid()
     from vllm import LLM, SamplingParams
 
     extension = "smoothsmoe_server.worker_extension.SmoothWorkerExtension" if mode == "smooth" else ""

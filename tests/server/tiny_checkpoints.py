@@ -81,6 +81,19 @@ SHAPES: dict[str, dict] = {
     # families: the layers stay stock, listed with the reason
     "phimoe": {"top_k": 2, "num_experts": 8, "num_moe_layers": NUM_LAYERS,
                "stock_reason": "computes none of the spec's families"},
+    # gpt-oss: top-4 of the router logits (with a bias), softmax over those; biased experts
+    "gpt_oss": {"top_k": 4, "num_experts": 8, "num_moe_layers": NUM_LAYERS},
+    # Llama 4: top-1, sigmoid of the selected logit, applied to the expert's input: stock
+    "llama4": {"top_k": 1, "num_experts": 8, "num_moe_layers": NUM_LAYERS,
+               "stock_reason": "router weights applied to the input"},
+    # Qwen3-Next: softmax top-4, renormalised, plus a gated shared expert; a Gated DeltaNet layer, then attention
+    "qwen3_next": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS},
+    # MiniMax-M2: sigmoid + correction bias, top-4, renormalised (stock vLLM's CPU router has no
+    # ungrouped sigmoid branch: tests/server/arch_run.py gives its stock run vLLM's grouped one, one group)
+    "minimax_m2": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS},
+    # ERNIE 4.5: softmax with a correction bias, which no family has: stock
+    "ernie4_5_moe": {"top_k": 4, "num_experts": 16, "num_moe_layers": NUM_LAYERS,
+                     "stock_reason": "correction bias"},
 }
 
 ARCHITECTURES = {
@@ -92,10 +105,16 @@ ARCHITECTURES = {
     "granitemoe": "GraniteMoeForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
     "phimoe": "PhiMoEForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "llama4": "Llama4ForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
+    "minimax_m2": "MiniMaxM2ForCausalLM",
+    "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
 }
 
 # The architectures verified to load and generate on stock vLLM's CPU backend.
-ARCHS: list[str] = ["qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe", "glm4_moe", "phimoe"]
+ARCHS: list[str] = ["qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe", "glm4_moe", "phimoe",
+                    "gpt_oss", "llama4", "qwen3_next", "minimax_m2", "ernie4_5_moe"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -237,6 +256,81 @@ def _config(arch: str):
             num_key_value_heads=2,
             num_local_experts=s["num_experts"],
             num_experts_per_tok=s["top_k"],
+            rms_norm_eps=1e-5,
+        )
+    if arch == "gpt_oss":
+        from transformers import GptOssConfig
+
+        return GptOssConfig(
+            **{**_common(arch), "intermediate_size": MOE_INTERMEDIATE_SIZE},  # the experts' size
+            num_key_value_heads=2,
+            head_dim=HEAD_DIM,
+            num_local_experts=s["num_experts"],
+            num_experts_per_tok=s["top_k"],
+            sliding_window=128,
+            layer_types=["sliding_attention", "full_attention"],
+            rms_norm_eps=1e-5,
+        )
+    if arch == "llama4":
+        from transformers import Llama4TextConfig
+
+        return Llama4TextConfig(
+            **{**_common(arch), "intermediate_size": MOE_INTERMEDIATE_SIZE},  # the experts' size
+            intermediate_size_mlp=INTERMEDIATE_SIZE,
+            num_key_value_heads=2,
+            head_dim=HEAD_DIM,
+            num_local_experts=s["num_experts"],
+            num_experts_per_tok=s["top_k"],
+            interleave_moe_layer_step=1,
+            use_qk_norm=True,
+            attention_chunk_size=256,
+            rms_norm_eps=1e-5,
+        )
+    if arch == "qwen3_next":
+        from transformers import Qwen3NextConfig
+
+        return Qwen3NextConfig(
+            **_common(arch),
+            num_key_value_heads=2,
+            head_dim=HEAD_DIM,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+            linear_conv_kernel_dim=4,
+            num_experts=s["num_experts"],
+            num_experts_per_tok=s["top_k"],
+            moe_intermediate_size=MOE_INTERMEDIATE_SIZE,
+            shared_expert_intermediate_size=MOE_INTERMEDIATE_SIZE,
+            norm_topk_prob=True,
+            rms_norm_eps=1e-6,
+        )
+    if arch == "minimax_m2":
+        from transformers import MiniMaxM2Config
+
+        return MiniMaxM2Config(
+            **{**_common(arch), "intermediate_size": MOE_INTERMEDIATE_SIZE},  # the experts' size
+            num_key_value_heads=2,
+            head_dim=HEAD_DIM,
+            num_local_experts=s["num_experts"],
+            num_experts_per_tok=s["top_k"],
+            rms_norm_eps=1e-6,
+            scoring_func="sigmoid",  # vLLM reads these two; published configs carry them
+            use_routing_bias=True,
+            rotary_dim=HEAD_DIM // 2,
+        )
+    if arch == "ernie4_5_moe":
+        from transformers import Ernie4_5_MoeConfig
+
+        return Ernie4_5_MoeConfig(
+            **_common(arch),
+            num_key_value_heads=2,
+            moe_intermediate_size=MOE_INTERMEDIATE_SIZE,
+            moe_num_experts=s["num_experts"],
+            moe_k=s["top_k"],
+            moe_num_shared_experts=0,
+            moe_layer_start_index=0,
+            moe_layer_interval=1,
             rms_norm_eps=1e-5,
         )
     raise ValueError(f"unknown arch {arch!r}; known: {sorted(SHAPES)}")
