@@ -1,4 +1,7 @@
-"""The routing families of models that hand vLLM their own routing, against vLLM's code.
+"""Each routing family against vLLM's own routing code, at eps -> 0.
+
+Softmax (renormalized or not, grouped, scaled) and sigmoid with a correction
+bias (grouped or not) against vLLM's CPU router functions.
 
 Llama 4 passes a custom routing function (top-k of the logits, then a sigmoid
 of each): the plugin recognises it by what it computes, and our family equals
@@ -28,6 +31,43 @@ from smoothsmoe_server.moe_patch import routing_config
 def by_expert(ids, weights):
     order = ids.long().argsort(dim=-1)
     return ids.long().gather(1, order), weights.float().gather(1, order)
+
+
+# (name, RoutingConfig fields, with a correction bias): the families vLLM's CPU router computes in
+# torch, as the models of tests/server/test_architectures.py configure them.
+CPU_ROUTER_CASES = [
+    ("Mixtral: softmax, renormalized", dict(top_k=2, renormalize=True), False),
+    ("OLMoE, Qwen2-MoE: softmax, not renormalized", dict(top_k=4, renormalize=False), False),
+    ("DeepSeek-V2: softmax, grouped, scaled", dict(top_k=4, renormalize=False, num_expert_group=4, topk_group=2,
+                                                   routed_scaling_factor=2.0), False),
+    ("DeepSeek-V3, GLM-4.5: sigmoid + bias, grouped, scaled",
+     dict(top_k=4, scoring_func="sigmoid", num_expert_group=4, topk_group=2, routed_scaling_factor=2.5), True),
+    ("MiniMax-M2: sigmoid + bias, no groups", dict(top_k=4, scoring_func="sigmoid"), True),
+]
+
+
+@pytest.mark.parametrize("name,fields,biased", CPU_ROUTER_CASES, ids=[c[0].split(":")[0] for c in CPU_ROUTER_CASES])
+def test_each_family_at_eps_zero_equals_vllm_cpu_router(name, fields, biased):
+    """Ids exact, weights within 1e-5 of vLLM 0.32's CPU routing code (_softmax_topk, _grouped_topk)."""
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import _grouped_topk, _softmax_topk
+
+    torch.manual_seed(1)
+    E = 16
+    logits = torch.randn(300, E) * 2
+    bias = torch.randn(E) * 0.05 if biased else None
+    config = RoutingConfig(max_extra=2, **fields)
+    k, groups = config.top_k, config.num_expert_group
+    if groups is None and config.scoring_func == "softmax":
+        w, ids = _softmax_topk(logits, k, config.renormalize)
+    else:  # vLLM's grouped routine; one group kept of one is the ungrouped sigmoid + bias routing
+        w, ids = _grouped_topk(logits, k, config.renormalize, groups or 1, config.topk_group or 1,
+                               config.scoring_func, config.routed_scaling_factor, bias)
+    ref_ids, ref_w = by_expert(ids, w)
+    for ours in (route(logits, config, 0.0, bias), smooth_topk_triton(logits, config, torch.tensor(0.0), bias)[0]):
+        assert (ours.ids[:, k:] == -1).all()
+        got_ids, got_w = by_expert(ours.ids[:, :k], ours.weights[:, :k])
+        assert torch.equal(got_ids, ref_ids), name
+        assert (got_w - ref_w).abs().max() <= 1e-5, name
 
 
 @pytest.mark.parametrize("k", [1, 2])
