@@ -4,7 +4,9 @@
 
 Prints one JSON line: the greedy token ids of PROMPTS at eps 0 (stock vLLM, or
 smoothing on at eps 0 and width k + 2) and, for `smooth`, the per-layer routing
-snapshot after a second pass at eps 0.5.
+snapshot after a second pass at eps 0.5. The stock run is vLLM without the
+plugin, except that sigmoid layers without expert groups, which vLLM's CPU
+router cannot route, get vLLM's own grouped routine (fill_ungrouped_sigmoid).
 """
 
 from __future__ import annotations
