@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from smoothsmoe_kernels import StatsLayout, read_stats
+from smoothsmoe_server.metrics import RoutingMetrics
 from tests.server.conftest import REPO
 from tests.server.tiny_checkpoints import ARCHS, SHAPES, build_tiny
 
@@ -43,6 +44,13 @@ def test_plugin_routes_each_family(arch, tmp_path, model_cache, server_env):
     stock, smooth, log = run_both(model, server_env)
     assert smooth["tokens"] == stock["tokens"]
     shape = SHAPES[arch]
+    # What /metrics exports from this snapshot: every MoE layer named, 1 if smoothed, 0 if stock.
+    metrics = RoutingMetrics()
+    metrics.update(smooth["snapshot"])
+    family = next(f for f in metrics.collect() if f.name == "smoothsmoe_layer_smoothed")
+    exported = sorted((int(s.labels["layer"]), s.value) for s in family.samples)
+    smoothed = 0.0 if shape.get("stock_reason") else 1.0
+    assert exported == [(i, smoothed) for i in range(shape["num_moe_layers"])]
     if shape.get("stock_reason"):  # a routing no family gives, or one we cannot run: stock, with the reason
         snapshot = smooth["snapshot"]
         uncounted, counted = snapshot["uncounted"], snapshot["layers"]
