@@ -215,8 +215,9 @@ def format_rows(rows: list[ModelRow], markdown: bool) -> str:
 
 def summary(rows: list[ModelRow]) -> str:
     count = {v: sum(r.smoothed == v for r in rows) for v in ("yes", "no", "config")}
+    tested = sum(r.architecture in TESTED for r in rows)
     return (f"{len(rows)} model classes build MoE layers: {count['yes']} smoothed, {count['no']} stock, "
-            f"{count['config']} decided by the checkpoint's config; {sum(r.architecture in TESTED for r in rows)} tested")
+            f"{count['config']} decided by the checkpoint's config; {tested} tested")
 
 
 def main(argv: list[str]) -> int:

@@ -58,7 +58,8 @@ def test_plugin_routes_each_family(arch, tmp_path, model_cache, server_env):
         assert len(uncounted) + len(counted) == shape["num_moe_layers"]
         assert all(not s["smoothed"] and s["max_extra"] == 0 for s in counted)
         assert all(shape["stock_reason"] in u["reason"] for u in uncounted)
-        said = [line for line in log.splitlines() if "keeps stock top-k routing" in line and shape["stock_reason"] in line]
+        said = [line for line in log.splitlines()
+                if "keeps stock top-k routing" in line and shape["stock_reason"] in line]
         assert len(said) == shape["num_moe_layers"], log[-3000:]
         return
     layers = smooth["snapshot"]["layers"]
