@@ -98,12 +98,14 @@ def moe_experts(
     weights: torch.Tensor,
     *,
     backend: str = "auto",
+    weights_on_input: bool = False,
 ) -> torch.Tensor:
     """The experts' weighted sum over active (token, expert) pairs only.
 
     x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I];
     ids [T, W] int (-1 = inactive); weights [T, W] float32. Returns [T, H] in
-    x's dtype. See experts.moe_experts_torch for the exact contract.
+    x's dtype. weights_on_input: each weight scales its expert's input, not
+    its output (Llama 4). See experts.moe_experts_torch for the exact contract.
     """
     T, H = x.shape
     E, two_I, H_w = w13.shape
@@ -115,5 +117,5 @@ def moe_experts(
     if resolve_backend(backend, x.device) == "triton":
         from smoothsmoe_kernels.experts_triton import moe_experts_triton
 
-        return moe_experts_triton(x, w13, w2, ids, weights)
-    return moe_experts_torch(x, w13, w2, ids, weights)
+        return moe_experts_triton(x, w13, w2, ids, weights, weights_on_input=weights_on_input)
+    return moe_experts_torch(x, w13, w2, ids, weights, weights_on_input)

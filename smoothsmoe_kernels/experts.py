@@ -14,8 +14,14 @@ def moe_experts_torch(
     w2: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
+    weights_on_input: bool = False,
 ) -> torch.Tensor:
     """y[t] = sum over active slots j of weights[t, j] * Expert_{ids[t, j]}(x[t]).
+
+    weights_on_input: y[t] = sum over j of Expert_{ids[t, j]}(weights[t, j] * x[t])
+    instead (Llama 4's layer); the scaled input is rounded to x's dtype, as
+    vLLM's CPU path scales it. A zero weight then gives Expert(0) = 0, so the
+    layer stays continuous as a slot's weight fades.
 
     Expert_e(x) = (silu(x @ gate_e.T) * (x @ up_e.T)) @ w2[e].T, with vLLM's
     weight layout: w13 [E, 2I, H] holds gate rows then up rows, w2 [E, H, I].
@@ -36,7 +42,9 @@ def moe_experts_torch(
         if lo == hi:
             continue
         tok = pairs.token[lo:hi]
-        gate, up = (x[tok] @ w13[e].T).chunk(2, dim=-1)
+        w = pair_weight[lo:hi, None]
+        xe = (x[tok].float() * w).to(x.dtype) if weights_on_input else x[tok]
+        gate, up = (xe @ w13[e].T).chunk(2, dim=-1)
         out = (F.silu(gate) * up) @ w2[e].T  # [n, H]
-        y.index_add_(0, tok, out.float() * pair_weight[lo:hi, None])
+        y.index_add_(0, tok, out.float() if weights_on_input else out.float() * w)
     return y.to(x.dtype)

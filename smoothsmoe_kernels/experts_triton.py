@@ -5,6 +5,7 @@ each program takes BLOCK_M pairs of one expert (rows gathered by token), so an
 inactive slot (id -1) is in no tile and costs no GEMM work.
   1. h[p]      = silu(x[tok(p)] @ gate_e.T) * (x[tok(p)] @ up_e.T)     [P, I], x's dtype
   2. yp[s(p)]  = weight(p) * (h[p] @ w2[e].T)                          [T*W, H], x's dtype
+     (with weights on the input, step 1 reads weight(p) * x[tok(p)] instead and step 2 does not scale)
   3. y[t]      = sum over the active slots s of token t of yp[s]        [T, H], float32 sum
 Step 2 scales in float32 and rounds once to x's dtype, as vLLM's kernel
 writes its per-slot outputs; step 3 reads only active slots (the others are
@@ -52,10 +53,10 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _moe_gate_up_kernel(
-    x_ptr, w13_ptr, h_ptr, slot_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, tiles_done_ptr,
+    x_ptr, w13_ptr, h_ptr, weight_ptr, slot_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr, tiles_done_ptr,
     grid_tiles, H, I, stride_xt, stride_we, stride_wn, stride_hp,
     W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, IEEE: tl.constexpr, COUNT_TILES: tl.constexpr,
+    GROUP_M: tl.constexpr, IEEE: tl.constexpr, COUNT_TILES: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
 ):
     """One program: BLOCK_M pairs of one expert x BLOCK_N / 2 columns of I (gate and up)."""
     HALF_N: tl.constexpr = BLOCK_N // 2
@@ -63,7 +64,10 @@ def _moe_gate_up_kernel(
     if tile >= tl.load(num_tiles_ptr):
         return
     e, rows, m_ok = _tile_rows(expert_ptr, row_ptr, rows_ptr, tile, BLOCK_M)
-    tok = tl.load(slot_ptr + rows, mask=m_ok, other=0) // W
+    slot = tl.load(slot_ptr + rows, mask=m_ok, other=0)
+    tok = slot // W
+    if WEIGHT_ON_INPUT:  # each pair's weight scales its input row, rounded to x's dtype (as the reference)
+        pw = tl.load(weight_ptr + slot, mask=m_ok, other=0.0)
     offs_n = pid_n * HALF_N + tl.arange(0, HALF_N)
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
@@ -75,6 +79,8 @@ def _moe_gate_up_kernel(
     for k in range(0, tl.cdiv(H, BLOCK_K)):
         k_ok = offs_k < H - k * BLOCK_K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if WEIGHT_ON_INPUT:
+            a = (a.to(tl.float32) * pw[:, None]).to(x_ptr.dtype.element_ty)
         wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc_gate = _dot(a, wg, acc_gate, IEEE)
@@ -95,9 +101,10 @@ def _moe_down_kernel(
     h_ptr, w2_ptr, yp_ptr, weight_ptr, slot_ptr, expert_ptr, row_ptr, rows_ptr, num_tiles_ptr,
     grid_tiles, H, I, stride_hp, stride_we, stride_wh, stride_yp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
 ):
-    """One program: BLOCK_M pairs of one expert x BLOCK_N columns of H, scaled by the pairs' weights."""
+    """One program: BLOCK_M pairs of one expert x BLOCK_N columns of H, scaled by the pairs' weights
+    (unless the weights went on the input)."""
     tile, pid_n = _tile_and_column(grid_tiles, H, BLOCK_N, GROUP_M)
     if tile >= tl.load(num_tiles_ptr):
         return
@@ -116,7 +123,8 @@ def _moe_down_kernel(
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     slot = tl.load(slot_ptr + rows, mask=m_ok, other=0)
-    acc *= tl.load(weight_ptr + slot, mask=m_ok, other=0.0)[:, None]
+    if not WEIGHT_ON_INPUT:
+        acc *= tl.load(weight_ptr + slot, mask=m_ok, other=0.0)[:, None]
     tl.store(yp_ptr + slot[:, None].to(tl.int64) * stride_yp + offs_n[None, :], acc.to(yp_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -163,6 +171,7 @@ def moe_experts_triton(
     *,
     config: ExpertsTileConfig | None = None,
     tiles_done: torch.Tensor | None = None,
+    weights_on_input: bool = False,
 ) -> torch.Tensor:
     """moe_experts (see experts.moe_experts_torch) in Triton; same shapes and contract.
 
@@ -192,9 +201,10 @@ def moe_experts_triton(
     h, yp = work[: T * W * I].view(T * W, I), work[T * W * I :].view(T * W, H)
     ieee = x.dtype == torch.float32  # no TF32 for float32 inputs: the reference is exact float32
     common = dict(BLOCK_M=config.block_m, BLOCK_K=config.block_k, GROUP_M=config.group_m, IEEE=ieee,
-                  num_warps=config.num_warps, num_stages=_stages(config, x.element_size()))
+                  WEIGHT_ON_INPUT=weights_on_input, num_warps=config.num_warps,
+                  num_stages=_stages(config, x.element_size()))
     _moe_gate_up_kernel[(grid_tiles * triton.cdiv(I, config.block_n // 2),)](
-        x, w13, h, sched.flat_slot, sched.expert, sched.row, sched.rows, sched.num_tiles,
+        x, w13, h, weights, sched.flat_slot, sched.expert, sched.row, sched.rows, sched.num_tiles,
         tiles_done if tiles_done is not None else sched.num_tiles,
         grid_tiles, H, I, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         W=W, BLOCK_N=config.block_n, COUNT_TILES=tiles_done is not None, **common,

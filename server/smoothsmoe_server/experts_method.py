@@ -57,7 +57,7 @@ class ActivePairsMoEMethod(UnquantizedFusedMoEMethod):
         # Shared experts are added by vLLM's runner, not here (it calls them
         # itself when the method has no modular kernel).
         return torch.ops.smoothsmoe.experts(x, layer.w13_weight, layer.w2_weight, topk_ids, topk_weights,
-                                            self.backend)
+                                            self.backend, bool(layer.apply_router_weight_on_input))
 
 
 def unsupported_reason(runner) -> str | None:
@@ -70,7 +70,6 @@ def unsupported_reason(runner) -> str | None:
     checks = (
         ("expert biases", config.has_bias),
         (f"activation {experts.activation}", experts.activation != MoEActivation.SILU),
-        ("router weights applied on the input", experts.apply_router_weight_on_input),
         ("a SwiGLU clamp", getattr(experts, "swiglu_limit", None) is not None),
         ("experts split across ranks", experts.expert_map is not None),
         # vLLM pads the intermediate size for some GPU backends (FlashInfer TRT-LLM, AITER), and
@@ -91,13 +90,13 @@ def install(runner) -> None:
 
 @torch.library.custom_op("smoothsmoe::experts", mutates_args=())
 def _experts_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
-                weights: torch.Tensor, backend: str) -> torch.Tensor:
-    """The layer's expert sum. An op: opaque to torch.compile, whose tracing of
-    vLLM's CPU path would otherwise meet the data-dependent pair counts."""
+                weights: torch.Tensor, backend: str, weights_on_input: bool = False) -> torch.Tensor:
+    """The layer's expert sum (weights_on_input: Llama 4's, each weight scaling its expert's input). An op:
+    opaque to torch.compile, whose tracing of vLLM's CPU path would otherwise meet the data-dependent pair counts."""
     active = torch.where(weights > 0, ids, -1)  # the router's padding slots carry weight 0
-    return moe_experts(x, w13, w2, active, weights.float(), backend=backend)
+    return moe_experts(x, w13, w2, active, weights.float(), backend=backend, weights_on_input=weights_on_input)
 
 
 @_experts_op.register_fake
-def _(x, w13, w2, ids, weights, backend):
+def _(x, w13, w2, ids, weights, backend, weights_on_input=False):
     return torch.empty_like(x)

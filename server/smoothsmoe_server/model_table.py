@@ -36,7 +36,7 @@ TESTED = {
     "Glm4MoeForCausalLM": "tests/server/test_architectures.py",
     "PhiMoEForCausalLM": "tests/server/test_architectures.py (stays stock)",
     "GptOssForCausalLM": "tests/server/test_architectures.py",
-    "Llama4ForCausalLM": "tests/server/test_architectures.py (stays stock)",
+    "Llama4ForCausalLM": "tests/server/test_architectures.py (with this project's experts)",
     "Qwen3NextForCausalLM": "tests/server/test_architectures.py",
     "MiniMaxM2ForCausalLM": "tests/server/test_architectures.py (sigmoid + bias)",
     "Ernie4_5_MoeForCausalLM": "tests/server/test_architectures.py (stays stock)",
@@ -53,7 +53,6 @@ FAMILY_NAMES = {"softmax": "softmax", "sigmoid": "sigmoid", "sqrtsoftplus": "sqr
 # Arguments that keep a layer stock when given (not None / False), as routing_config checks them.
 STOCK_IF_GIVEN = {"router": "its own router", "hash_indices_table": "hash-routed layers",
                   "zero_expert_type": "zero experts", "bias_vl": "a vision routing bias",
-                  "apply_router_weight_on_input": "router weights on the input",
                   "fuse_shared_experts": "shared experts fused into routing"}
 
 
@@ -167,6 +166,9 @@ def _decide(module: str, kw: dict[str, str]) -> tuple[str, str, str]:
             family += ", grouped" if _literal(kw["use_grouped_topk"]) is True else ", grouped if the config says"
         if biased and scoring not in BIASED_SCORING_FUNCS:
             return family, "no", f"a correction bias with {scoring} scoring is not one of the spec's families"
+    if _given(kw, "apply_router_weight_on_input"):  # Llama 4: only this project's experts apply them per slot
+        return family, "config", ("router weights on the input: smoothed with this project's experts (the default "
+                                  "on CUDA; --smooth-experts smoothsmoe on the CPU) if the checkpoint is unquantized")
     for name, what in STOCK_IF_GIVEN.items():
         if _given(kw, name):
             sure = _literal(kw[name]) is not None or name == "hash_indices_table"

@@ -70,7 +70,8 @@ def _wrap(original: Callable, options: SmoothingOptions, eps_plan: EpsPlan) -> C
                 raise ValueError(f"--smooth-top-k {options.top_k} exceeds {prefix}'s {num_experts} experts")
             logger.info("smoothsmoe: %s top_k %d -> %d (--smooth-top-k)", prefix, a["top_k"], options.top_k)
             a["top_k"] = options.top_k  # every layer, smoothed or stock: the model as if its config said so
-        config, reason = routing_config(a, options.max_extra)
+        our_experts = options.experts_backend(torch.device(device).type) == "smoothsmoe"
+        config, reason = routing_config(a, options.max_extra, our_experts)
         bias = a["e_score_correction_bias"]
         if options.enabled and reason is None:
             router = SmoothRouter(config, num_experts, prefix, layer_index, eps_plan.initial(layer_index), bias, device,
@@ -78,6 +79,11 @@ def _wrap(original: Callable, options: SmoothingOptions, eps_plan: EpsPlan) -> C
             # Our router replaces a recognised custom routing function as well as vLLM's own.
             runner = original(**{**a, "top_k": config.width, "router": router, "custom_routing_function": None})
             router.experts = experts = use_our_experts(runner, options, device, prefix)
+            if a["apply_router_weight_on_input"] and experts != "smoothsmoe":
+                # vLLM's kernels would apply these weights at top-k 1 only: refuse rather than compute it wrong.
+                raise RuntimeError(f"smoothsmoe: {prefix} applies router weights to the input, which only this "
+                                   "project's experts do past top-k 1, and they cannot take this layer (see the log); "
+                                   "serve it with --no-smoothing")
             logger.info("smoothsmoe: %s smoothed, top_k %d -> width %d, experts: %s", prefix, config.top_k,
                         config.width, experts)
             return runner
@@ -97,13 +103,15 @@ def _wrap(original: Callable, options: SmoothingOptions, eps_plan: EpsPlan) -> C
     return smoothsmoe_factory
 
 
-def routing_config(a: dict, max_extra: int) -> tuple[RoutingConfig | None, str | None]:
+def routing_config(a: dict, max_extra: int, our_experts: bool = False) -> tuple[RoutingConfig | None, str | None]:
     """The layer's RoutingConfig, and why it cannot be smoothed (None if it can).
 
     Read from how vLLM would route the layer: its scoring function,
     renormalization, bias, grouping, or its custom routing function, which is
     recognised by what it computes (family_probe), never by name. The config is
-    None where the routing is none of the spec's families.
+    None where the routing is none of the spec's families. our_experts: the
+    layer's experts would be this project's (--smooth-experts), the only ones
+    that apply router weights to the input past top-k 1 (Llama 4).
     """
     if a["router"] is not None:
         return None, "the model supplies its own router"
@@ -143,12 +151,19 @@ def routing_config(a: dict, max_extra: int) -> tuple[RoutingConfig | None, str |
         ("hash routing", a["hash_indices_table"] is not None),
         ("zero experts", a["zero_expert_type"] is not None),
         ("vision routing bias", a["bias_vl"] is not None),
-        ("router weights applied to the input (vLLM's experts kernels do that at top-k 1 only)",
-         a["apply_router_weight_on_input"] and max_extra > 0),
+        ("router weights applied to the input with vLLM's experts (they do that at top-k 1 only; this project's "
+         "do it for unquantized SiLU experts: --smooth-experts smoothsmoe, the default on CUDA)",
+         a["apply_router_weight_on_input"] and max_extra > 0 and not (our_experts and _plain_experts(a))),
     ):
         if unsupported:
             return config, f"{why} is not supported with smoothing"
     return config, None
+
+
+def _plain_experts(a: dict) -> bool:
+    """Unquantized SiLU experts without biases or a clamp: what this project's experts compute."""
+    return (a["quant_config"] is None and not a["has_bias"] and a["swiglu_limit"] is None
+            and str(getattr(a["activation"], "value", a["activation"])).lower() == "silu")
 
 
 def use_our_experts(runner, options: SmoothingOptions, device, prefix: str) -> str:

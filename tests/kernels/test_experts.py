@@ -12,7 +12,7 @@ from smoothsmoe_kernels.pairs import group_pairs_by_expert
 SHAPES = [(0, 8, 2, 2), (1, 8, 2, 2), (33, 6, 1, 2), (64, 60, 4, 2)]  # (T, E, K, M)
 
 
-def dense_oracle(x, w13, w2, ids, weights):
+def dense_oracle(x, w13, w2, ids, weights, weights_on_input=False):
     """Every slot of every token, one at a time, in float64."""
     y = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
@@ -20,8 +20,10 @@ def dense_oracle(x, w13, w2, ids, weights):
             e = int(ids[t, j])
             if e < 0:
                 continue
-            gate, up = (w13[e].double() @ x[t].double()).chunk(2)
-            y[t] += float(weights[t, j]) * (w2[e].double() @ (F.silu(gate) * up))
+            w = float(weights[t, j])
+            xin = x[t].double() * (w if weights_on_input else 1.0)
+            gate, up = (w13[e].double() @ xin).chunk(2)
+            y[t] += (1.0 if weights_on_input else w) * (w2[e].double() @ (F.silu(gate) * up))
     return y
 
 
@@ -31,6 +33,20 @@ def make_layer(T, E, H=32, I=16, seed=0):
     w13 = torch.randn(E, 2 * I, H, generator=g) / H**0.5
     w2 = torch.randn(E, H, I, generator=g) / I**0.5
     return x, w13, w2
+
+
+@pytest.mark.parametrize("T,E,K,M", SHAPES)
+def test_weights_on_the_input_match_dense_oracle(T, E, K, M):
+    """Llama 4's layer: each weight scales its expert's input; a fading weight fades the output."""
+    x, w13, w2 = make_layer(T, E, seed=T + E)
+    r = smooth_topk(x @ torch.randn(32, E, generator=torch.Generator().manual_seed(1)) * 0.3, K, 0.5, M)
+    y = moe_experts(x, w13, w2, r.ids, r.weights, weights_on_input=True)
+    oracle = dense_oracle(x, w13, w2, r.ids, r.weights, weights_on_input=True)
+    torch.testing.assert_close(y.double(), oracle, atol=1e-5, rtol=1e-5)
+    if T:  # not the output-weighted sum: silu makes the two differ
+        assert (oracle - dense_oracle(x, w13, w2, r.ids, r.weights)).abs().max() > 1e-3
+        small = torch.where(r.ids >= 0, 1e-7, 0.0)  # Expert(w x) -> 0 as w -> 0
+        assert moe_experts(x, w13, w2, r.ids, small, weights_on_input=True).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("T,E,K,M", SHAPES)

@@ -42,6 +42,15 @@ def test_matches_reference_and_spends_no_tile_on_inactive_slots(T, E, K, M):
     assert int(tiles) == expected_tiles(r.ids, E)
 
 
+@pytest.mark.parametrize("T,E,K,M", SHAPES[1:3] + SHAPES[-1:])
+def test_weights_on_the_input_match_reference(T, E, K, M):
+    x, w13, w2 = layer(T, E, seed=T + E)
+    r = smooth_topk(torch.randn(T, E, generator=torch.Generator().manual_seed(T)).to(DEV), K, 0.5, M, backend="torch")
+    y = moe_experts_triton(x, w13, w2, r.ids, r.weights, config=CONFIG, weights_on_input=True)
+    ref = moe_experts(x, w13, w2, r.ids, r.weights, backend="torch", weights_on_input=True)
+    torch.testing.assert_close(y, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_inactive_slots_and_unused_experts_are_never_read():
     # Experts that no active slot names hold NaN: any tile on them, even at
     # weight 0, would put NaN in the output.

@@ -1,9 +1,10 @@
 """One vLLM engine on a tiny checkpoint, in its own process (the plugin patches per process).
 
-    python -m tests.server.arch_run MODEL_DIR stock|smooth
+    python -m tests.server.arch_run MODEL_DIR stock|smooth|smooth-ours
 
 Prints one JSON line: the greedy token ids of PROMPTS at eps 0 (stock vLLM, or
-smoothing on at eps 0 and width k + 2) and, for `smooth`, the per-layer routing
+smoothing on at eps 0 and width k + 2, with this project's experts for
+`smooth-ours`) and, smoothed, the per-layer routing
 snapshot after a second pass at eps 0.5. The stock run is vLLM without the
 plugin, except that sigmoid layers without expert groups, which vLLM's CPU
 router cannot route, get vLLM's own grouped routine (fill_ungrouped_sigmoid).
@@ -43,21 +44,23 @@ def fill_ungrouped_sigmoid() -> None:
 if __name__ == "__main__":
     model, mode = sys.argv[1], sys.argv[2]
     os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    if mode == "smooth":
+    if mode in ("smooth", "smooth-ours"):  # smooth-ours: this project's experts (--smooth-experts smoothsmoe)
         from smoothsmoe_server.options import SmoothingOptions
 
-        os.environ.update(SmoothingOptions(eps="0").to_env())
+        experts = "smoothsmoe" if mode == "smooth-ours" else "auto"
+        os.environ.update(SmoothingOptions(eps="0", experts=experts).to_env())
     else:
         os.environ["VLLM_PLUGINS"] = ""  # stock vLLM: no plugin at all
         fill_ungrouped_sigmoid()
     from vllm import LLM, SamplingParams
 
-    extension = "smoothsmoe_server.worker_extension.SmoothWorkerExtension" if mode == "smooth" else ""
+    smooth = mode != "stock"
+    extension = "smoothsmoe_server.worker_extension.SmoothWorkerExtension" if smooth else ""
     llm = LLM(model=model, dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=0,
               worker_extension_cls=extension)
     params = SamplingParams(max_tokens=6, temperature=0.0)
     out = {"tokens": [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]}
-    if mode == "smooth":
+    if smooth:
         layers = [s["layer"] for s in llm.collective_rpc("smoothsmoe_snapshot")[0]["layers"]]
         llm.collective_rpc("smoothsmoe_set_eps", args=({layer: 0.5 for layer in layers},))
         llm.collective_rpc("smoothsmoe_reset")

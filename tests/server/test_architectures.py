@@ -24,18 +24,18 @@ from tests.server.conftest import REPO
 from tests.server.tiny_checkpoints import ARCHS, SHAPES, build_tiny
 
 
-def run_both(model, env) -> tuple[dict, dict, str]:
+def run_both(model, env, smooth_mode="smooth") -> tuple[dict, dict, str]:
     """Stock and smoothed runs of `model`, side by side: (stock result, smoothed result, smoothed run's log)."""
     procs = {mode: subprocess.Popen([sys.executable, "-m", "tests.server.arch_run", str(model), mode], cwd=REPO,
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for mode in ("stock", "smooth")}
+             for mode in ("stock", smooth_mode)}
     results, logs = {}, {}
     for mode, p in procs.items():
         out, err = p.communicate(timeout=600)
         lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
         assert p.returncode == 0 and lines, f"{mode}: " + out[-2000:] + err[-4000:]
         results[mode], logs[mode] = json.loads(lines[-1][len("RESULT "):]), out + err
-    return results["stock"], results["smooth"], logs["smooth"]
+    return results["stock"], results[smooth_mode], logs[smooth_mode]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -62,7 +62,21 @@ def test_plugin_routes_each_family(arch, tmp_path, model_cache, server_env):
                 if "keeps stock top-k routing" in line and shape["stock_reason"] in line]
         assert len(said) == shape["num_moe_layers"], log[-3000:]
         return
-    layers = smooth["snapshot"]["layers"]
+    assert_every_layer_routes_extras(smooth["snapshot"]["layers"], shape)
+
+
+def test_llama4_is_smoothed_by_this_projects_experts(tmp_path, model_cache, server_env):
+    """Llama 4 applies its router weights to the experts' input, which vLLM's experts do at top-k 1 only;
+    this project's experts (--smooth-experts smoothsmoe, the default on CUDA) do it per slot, so with them
+    every layer is smoothed, and eps 0 still gives stock vLLM's tokens."""
+    model = build_tiny("llama4", tmp_path / "llama4", cache_dir=model_cache)
+    stock, smooth, _ = run_both(model, server_env, smooth_mode="smooth-ours")
+    assert smooth["tokens"] == stock["tokens"]
+    assert all(s["experts"] == "smoothsmoe" for s in smooth["snapshot"]["layers"])
+    assert_every_layer_routes_extras(smooth["snapshot"]["layers"], SHAPES["llama4"])
+
+
+def assert_every_layer_routes_extras(layers, shape):
     assert len(layers) == shape["num_moe_layers"]
     for s in layers:
         assert s["smoothed"] and s["top_k"] == shape["top_k"] and s["num_experts"] == shape["num_experts"]

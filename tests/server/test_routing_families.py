@@ -114,11 +114,15 @@ def vllm_config():
 
 
 def test_detection_reads_how_vllm_would_route_the_layer(vllm_config):
-    # Llama 4's layer: recognised, but its router weights go on the input, which vLLM's kernels do at top-k 1 only.
+    # Llama 4's layer: recognised; its router weights go on the input, which vLLM's kernels do at top-k 1 only.
     llama4 = dict(custom_routing_function=Llama4MoE.custom_routing_function, renormalize=False)
-    config, why = routing_config(factory_args(**llama4, apply_router_weight_on_input=True), 2)
+    on_input = factory_args(**llama4, apply_router_weight_on_input=True)
+    config, why = routing_config(on_input, 2)  # with vLLM's experts (the CPU default): stock
     assert config.scoring_func == "topk_sigmoid" and "applied to the input" in why
-    assert routing_config(factory_args(**llama4, apply_router_weight_on_input=True), 0)[1] is None  # no extras
+    assert routing_config(on_input, 0)[1] is None  # no extras
+    assert routing_config(on_input, 2, our_experts=True)[1] is None  # this project's experts apply them per slot
+    quantized = factory_args(**llama4, apply_router_weight_on_input=True, quant_config=object())
+    assert "applied to the input" in routing_config(quantized, 2, our_experts=True)[1]  # ours are unquantized only
     config, why = routing_config(factory_args(**llama4), 2)
     assert config.scoring_func == "topk_sigmoid" and not config.renormalize and why is None
     # DeepSeek-V4's score-based layers are smoothed; its hash-routed layers stay stock.
