@@ -83,6 +83,18 @@ def unsupported_reason(runner) -> str | None:
     return None
 
 
+def unsupported_reason_before_build(a: dict) -> str | None:
+    """unsupported_reason's checks that FusedMoEFactory's arguments `a` already answer, for a
+    decision taken before the layer exists (a Llama 4 layer is smoothed only if these experts take it)."""
+    checks = (
+        ("quantized experts", a["quant_config"] is not None),
+        ("expert biases", a["has_bias"]),
+        (f"activation {a['activation']}", str(getattr(a["activation"], "value", a["activation"])).lower() != "silu"),
+        ("a SwiGLU clamp", a["swiglu_limit"] is not None),
+    )
+    return next((why for why, unsupported in checks if unsupported), None)
+
+
 def install(runner) -> None:
     """Put ActivePairsMoEMethod in the layer (before its weights are loaded)."""
     runner.routed_experts.quant_method = ActivePairsMoEMethod(runner.routed_experts.moe_config)

@@ -153,17 +153,17 @@ def routing_config(a: dict, max_extra: int, our_experts: bool = False) -> tuple[
         ("vision routing bias", a["bias_vl"] is not None),
         ("router weights applied to the input with vLLM's experts (they do that at top-k 1 only; this project's "
          "do it for unquantized SiLU experts: --smooth-experts smoothsmoe, the default on CUDA)",
-         a["apply_router_weight_on_input"] and max_extra > 0 and not (our_experts and _plain_experts(a))),
+         a["apply_router_weight_on_input"] and max_extra > 0 and not (our_experts and _our_experts_take(a))),
     ):
         if unsupported:
             return config, f"{why} is not supported with smoothing"
     return config, None
 
 
-def _plain_experts(a: dict) -> bool:
-    """Unquantized SiLU experts without biases or a clamp: what this project's experts compute."""
-    return (a["quant_config"] is None and not a["has_bias"] and a["swiglu_limit"] is None
-            and str(getattr(a["activation"], "value", a["activation"])).lower() == "silu")
+def _our_experts_take(a: dict) -> bool:
+    from smoothsmoe_server import experts_method  # imported where used, as in use_our_experts
+
+    return experts_method.unsupported_reason_before_build(a) is None
 
 
 def use_our_experts(runner, options: SmoothingOptions, device, prefix: str) -> str:

@@ -18,6 +18,7 @@ import sys
 
 PROMPTS = ["The morning was cold and", "Computer programs are"]
 
+
 def fill_ungrouped_sigmoid() -> None:
     """Route sigmoid layers without expert groups (MiniMax-M2) on vLLM's CPU router.
 
