@@ -5,6 +5,15 @@ Both servers serve loadtests.drift_model (the default model with a second
 alike) and get the same two mixes: the built-in prompts (A), then prompts of
 the drift tokens (B). Phase lengths are seconds of traffic on this 2-core
 machine; the settling time checked is the one eps_control states, 20 windows.
+
+How close "back at the budget" can be read off a live server is set by the
+traffic's noise, not by the controller alone: the tokens of one prompt route
+alike, and on the steepest layer (clustered margins) the mean extras of 18 s
+of traffic at a fixed state spread about +-10 % (three 100 s runs of this
+setup, eps at rest, 18 s windows: worst layer p90 5.6 %, p99 10 %; 36 s
+windows: worst 4.9 %; 48 s: 3.6 %). So the settled period as a whole must be
+within 5 %, and each of its halves (about 24 s) within 10 %: still far from
+fixed eps, which leaves the budget by 20 to 55 % on three of the four layers.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from loadtests.eps_online import read_layers, run_phases, window_extras
 from loadtests.server_process import ServerProcess
 
 BUDGET, WINDOW, SETTLE_WINDOWS = 0.5, 1024, 20  # the default window
-PHASES = [("A", 12.0), ("B", 55.0)]
+PHASES = [("A", 12.0), ("B", 65.0)]  # B: 20 windows to settle, then about 48 s settled
 LOG_SETTLE_S = 2.5  # > the eps log's 1 s period
 
 
@@ -72,10 +81,12 @@ def test_online_eps_comes_back_within_the_settling_time_and_stays(drift_runs):
     samples, metrics, tail = drift_runs[0]["online"]
     t0 = settled_from(samples)
     t_end = max(s["t"] for s in samples)
-    for t_from, t_to in ((t0, (t0 + t_end) / 2), ((t0 + t_end) / 2, t_end)):  # both halves: it stays
+    t_mid = (t0 + t_end) / 2
+    # Back: the whole settled period; stays: each half, at the noise of half as much traffic (see above).
+    for t_from, t_to, tolerance in ((t0, t_end, 0.05), (t0, t_mid, 0.10), (t_mid, t_end, 0.10)):
         means = window_extras(samples, "B", t_from, t_to)
         print(f"online, B, {t_from:.0f}-{t_to:.0f} s:", {k: round(v, 3) for k, v in sorted(means.items())})
-        assert all(abs(m / BUDGET - 1) < 0.05 for m in means.values()), (t_from, t_to, means, tail)
+        assert all(abs(m / BUDGET - 1) < tolerance for m in means.values()), (t_from, t_to, means, tail)
 
 
 def test_eps_log_replays_the_final_state(drift_runs):
