@@ -30,10 +30,10 @@ from pathlib import Path
 
 import httpx
 import openai
-from prometheus_client.parser import text_string_to_metric_families
 from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 
 from loadtests.drift_model import drift_token_ids, ensure_drift_model
+from loadtests.metrics_scrape import metric_samples
 from loadtests.server_process import ServerProcess
 
 SAMPLE_S = 0.5
@@ -46,11 +46,9 @@ def read_layers(url: str, headers: dict | None = None) -> dict[str, dict[str, fl
     names = {"smoothsmoe_tokens_routed_total": "tokens", "smoothsmoe_extra_experts_total": "extras",
              "smoothsmoe_epsilon": "eps"}
     out: dict[str, dict[str, float]] = {}
-    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name in names:
-                out.setdefault(s.labels["layer"], {})[names[s.name]] = s.value
+    for s in metric_samples(url, headers):
+        if s.name in names:
+            out.setdefault(s.labels["layer"], {})[names[s.name]] = s.value
     return out
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
+from loadtests.metrics_scrape import metric_samples
 
 LATENCIES = ("ttft", "itl", "tpot", "e2el")
 PERCENTILES = (50, 90, 99)
@@ -18,11 +17,9 @@ def routing_counters(url: str, headers: dict | None = None) -> dict[str, float]:
     names = {"smoothsmoe_tokens_routed_total": "tokens", "smoothsmoe_active_experts_total": "active",
              "smoothsmoe_extra_experts_total": "extras", "smoothsmoe_boundary_hits_total": "hits"}
     out = dict.fromkeys(names.values(), 0.0)
-    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name in names:
-                out[names[s.name]] += s.value
+    for s in metric_samples(url, headers):
+        if s.name in names:
+            out[names[s.name]] += s.value
     return out
 
 

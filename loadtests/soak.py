@@ -18,10 +18,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-import httpx
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadtests.metrics_scrape import metric_samples
 from loadtests.profiles import Profile
 from loadtests.run import bench_args, run_level
 
@@ -35,16 +34,14 @@ ENGINE_COUNTERS = {
 
 def scrape(url: str, headers: dict | None = None) -> dict:
     """Counters the soak follows: engine tokens, tokens routed per layer, API server RSS."""
-    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
     out = dict.fromkeys(ENGINE_COUNTERS.values(), 0.0) | {"routed": {}, "api_rss": 0.0}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name in ENGINE_COUNTERS:
-                out[ENGINE_COUNTERS[s.name]] += s.value
-            elif s.name == "smoothsmoe_tokens_routed_total":
-                out["routed"][s.labels["layer"]] = s.value
-            elif s.name == "process_resident_memory_bytes":
-                out["api_rss"] = s.value
+    for s in metric_samples(url, headers):
+        if s.name in ENGINE_COUNTERS:
+            out[ENGINE_COUNTERS[s.name]] += s.value
+        elif s.name == "smoothsmoe_tokens_routed_total":
+            out["routed"][s.labels["layer"]] = s.value
+        elif s.name == "process_resident_memory_bytes":
+            out["api_rss"] = s.value
     return out
 
 

@@ -25,11 +25,10 @@ import sys
 import tempfile
 import time
 
-import httpx
 import openai
-from prometheus_client.parser import text_string_to_metric_families
 from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 
+from loadtests.metrics_scrape import metric_samples
 from loadtests.server_process import ServerProcess
 
 CONFIGS = {"off": ["--no-smoothing"], "on": ["--smooth-experts", "vllm"], "eps0": ["--smooth-eps", "0"],
@@ -39,12 +38,11 @@ CONFIGS = {"off": ["--no-smoothing"], "on": ["--smooth-experts", "vllm"], "eps0"
 def routing_totals(url: str) -> tuple[float, float]:
     """(tokens routed, active experts) summed over layers."""
     tokens = active = 0.0
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
-        for s in family.samples:
-            if s.name == "smoothsmoe_tokens_routed_total":
-                tokens += s.value
-            elif s.name == "smoothsmoe_active_experts_total":
-                active += s.value
+    for s in metric_samples(url):
+        if s.name == "smoothsmoe_tokens_routed_total":
+            tokens += s.value
+        elif s.name == "smoothsmoe_active_experts_total":
+            active += s.value
     return tokens, active
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
 from smoothsmoe_server.default_model import NUM_EXPERTS, NUM_LAYERS, TOP_K
 
+from loadtests.metrics_scrape import metric_samples
 from tests.server.conftest import API_KEY
 
 BUDGET, MAX_EXTRA = 0.5, 2  # the server's defaults
@@ -19,9 +18,7 @@ BUDGET, MAX_EXTRA = 0.5, 2  # the server's defaults
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of a /metrics page."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in metric_samples(url)}
 
 
 def per_layer(m: dict, name: str) -> dict[int, float]:
