@@ -14,8 +14,10 @@ is what to read.
            captured in CUDA graphs, and the fraction of the roofline.
   stages   on a GPU: where a decode-sized smoothed layer spends its time, each
            stage captured in a CUDA graph: stock routing (torch), our routing
-           kernel, the tile schedule, our experts at the stock and the
-           smoothed ids.
+           kernel as the server runs it (counting, its calibration recorder
+           off), the same with the recorder as torch ops after the kernel (how
+           the server ran it before the kernel recorded), the tile schedule,
+           our experts at the stock and the smoothed ids.
   tune     on a GPU: times the tile-config candidates per token bucket and writes
            the tuned tables the kernel loads (smoothsmoe_kernels/tuned/).
 """
@@ -28,6 +30,7 @@ import torch
 
 from smoothsmoe_kernels.calibration import DEFAULT_BUDGET, calibrate_eps
 from smoothsmoe_kernels.config import RoutingConfig
+from smoothsmoe_kernels.gap_recorder import GapRecorder
 from smoothsmoe_kernels.routing import route
 from smoothsmoe_kernels.stats import StatsLayout
 from smoothsmoe_kernels.timing import GRAPH_MAX_T, device_name, graph_time_us, time_us
@@ -143,9 +146,10 @@ def _time_layer(x, w13, w2, scores, config, eps, stock, smooth, vllm_experts, ex
         us_vllm = float("nan")
     eps_t = torch.tensor(eps, device=device)
     stats = StatsLayout(K, config.max_extra, E).new_buffer(device)
+    recorder = GapRecorder(config.max_extra, 16384, device)  # off, as the server runs it after calibration
 
     def smoothed_layer():
-        r, _ = smooth_topk_triton(scores, config, eps_t, stats=stats)
+        r, _ = smooth_topk_triton(scores, config, eps_t, stats=stats, recorder=recorder)
         return moe_experts_triton(x, w13, w2, r.ids, r.weights)
 
     def stock_layer():
@@ -177,12 +181,14 @@ def bench_stages(device: torch.device, dtype: torch.dtype, max_extra: int) -> No
 
     print(f"# stages: {device_name(device)}  torch {torch.__version__}  {dtype}  max_extra={max_extra}; "
           "us per CUDA-graph replay")
-    print(f"{'model':>17} {'T':>5} {'route':>6} {'ours':>6} {'sched':>6} {'exp_k':>7} {'exp_sm':>7}  tiles")
+    print(f"{'model':>17} {'T':>5} {'route':>6} {'ours':>6} {'+t_rec':>6} {'sched':>6} {'exp_k':>7} {'exp_sm':>7}"
+          "  tiles")
     g = torch.Generator(device="cpu").manual_seed(0)
     for name, (E, K, H, I) in MODEL_SHAPES.items():
         config = RoutingConfig(top_k=K, max_extra=max_extra)
         eps_t = torch.tensor(calibrate_eps(torch.randn(16384, E, generator=g), config).eps, device=device)
         stats = StatsLayout(K, max_extra, E).new_buffer(device)
+        recorder = GapRecorder(max_extra, 16384, device)  # off, as in every step after calibration
         w13 = (torch.randn(E, 2 * I, H, device=device) / H**0.5).to(dtype)
         w2 = (torch.randn(E, H, I, device=device) / I**0.5).to(dtype)
         for T in STAGE_TOKENS:
@@ -191,15 +197,20 @@ def bench_stages(device: torch.device, dtype: torch.dtype, max_extra: int) -> No
             r, _ = smooth_topk_triton(scores, config, eps_t, stats=stats)
             w_k, i_k = stock_topk_softmax(scores, K)
             tiles, source = tile_config(T, E, H, I, dtype, device)
+            def torch_recorder():
+                _, gaps = smooth_topk_triton(scores, config, eps_t, stats=stats)
+                recorder.record(gaps, None)
+
             calls = {
                 "route": lambda: stock_topk_softmax(scores, K),
-                "ours": lambda: smooth_topk_triton(scores, config, eps_t, stats=stats),
+                "ours": lambda: smooth_topk_triton(scores, config, eps_t, stats=stats, recorder=recorder),
+                "+t_rec": torch_recorder,
                 "sched": lambda: tile_schedule_triton(r.ids, E, tiles.block_m),
                 "exp_k": lambda: moe_experts_triton(x, w13, w2, i_k, w_k),
                 "exp_sm": lambda: moe_experts_triton(x, w13, w2, r.ids, r.weights),
             }
             us = {k: graph_time_us(fn, replays=200)[0] for k, fn in calls.items()}
-            cells = " ".join(f"{us[k]:{6 if k in ('route', 'ours', 'sched') else 7}.1f}" if us[k] else "  FAIL"
+            cells = " ".join(f"{us[k]:{7 if k.startswith('exp') else 6}.1f}" if us[k] else "  FAIL"
                              for k in calls)
             print(f"{name:>17} {T:>5} {cells}  {source} {tiles}", flush=True)
 

@@ -4,8 +4,10 @@ One program routes BLOCK_T tokens: it loads their E scores, picks the top
 W + 1 by repeated arg-max (ties to the lower index, as the reference), builds
 the band, the weights of the family, and writes ids / weights / order /
 capped / margin. In the same launch it adds the tokens' statistics into the
-layer's stats buffer (smoothsmoe_kernels.stats layout) with atomics: no host
-sync, fixed shapes, so it is safe under CUDA graphs and torch.compile.
+layer's stats buffer (smoothsmoe_kernels.stats layout) with atomics, and,
+while calibration records (smoothsmoe_kernels.gap_recorder), appends the
+tokens' band gaps to the recorder: no host sync, fixed shapes, so it is safe
+under CUDA graphs and torch.compile.
 
 Numerics: selection scores are computed exactly as the torch reference does
 (float32 logits; sigmoid and sqrt(softplus) in float64 rounded to float32), and the band is
@@ -21,6 +23,7 @@ import triton
 import triton.language as tl
 
 from smoothsmoe_kernels.config import BIASED_SCORING_FUNCS, SCORING_FUNCS, RoutingConfig
+from smoothsmoe_kernels.gap_recorder import GapRecorder
 from smoothsmoe_kernels.routing_result import FMAX, STEP_B, BandGaps, RoutingResult
 from smoothsmoe_kernels.stats import StatsLayout
 
@@ -29,11 +32,12 @@ from smoothsmoe_kernels.stats import StatsLayout
 def _smooth_topk_kernel(
     scores_ptr, bias_ptr, eps_ptr, valid_ptr, edges_ptr, stats_ptr,
     ids_ptr, weights_ptr, order_ptr, capped_ptr, margin_ptr, gaps_ptr,
+    rec_rows_ptr, rec_count_ptr, rec_flag_ptr, rec_capacity,
     T, stride_st, scale,
     E: tl.constexpr, E_PAD: tl.constexpr, K: tl.constexpr, M: tl.constexpr, W1_PAD: tl.constexpr,
     SCORE: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
     G: tl.constexpr, GS: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr,
-    HAS_VALID: tl.constexpr, HAS_STATS: tl.constexpr, NB: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_STATS: tl.constexpr, HAS_REC: tl.constexpr, NB: tl.constexpr,
     HITS_OFF: tl.constexpr, MARGIN_OFF: tl.constexpr, TOPK_OFF: tl.constexpr, EXTRA_OFF: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     FMAX_C: tl.constexpr, STEP_B_C: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -168,10 +172,21 @@ def _smooth_topk_kernel(
     gap_cols = (offs_w[None, :] >= K) & (offs_w[None, :] <= K + M)
     tl.store(gaps_ptr + offs_t[:, None] * (M + 1) + (offs_w[None, :] - K), gaps, mask=row_ok[:, None] & gap_cols)
 
+    counted = row_ok  # real rows: counted and recorded; padding rows neither
+    if HAS_VALID:
+        counted = counted & (tl.load(valid_ptr + offs_t, mask=row_ok, other=0) != 0)
+    if HAS_REC:
+        # The flag is data (a captured graph cannot be switched from the host): while it is off,
+        # recording costs this load and branch; while on, one atomic reserves this program's rows.
+        if tl.load(rec_flag_ptr) != 0:
+            keep = counted.to(tl.int64)
+            first = tl.atomic_add(rec_count_ptr, tl.sum(keep, axis=0), sem="relaxed")
+            pos = first + tl.cumsum(keep, axis=0) - 1
+            kept = counted & (pos < rec_capacity)
+            tl.store(rec_rows_ptr + pos[:, None] * (M + 1) + (offs_w[None, :] - K), gaps,
+                     mask=kept[:, None] & gap_cols)
+
     if HAS_STATS:
-        counted = row_ok
-        if HAS_VALID:
-            counted = counted & (tl.load(valid_ptr + offs_t, mask=row_ok, other=0) != 0)
         one = counted.to(tl.float64)
         # Two atomic calls per program, relaxed: a counter needs no ordering, and
         # one fenced scalar atomic per counter (about 30) cost twice the routing
@@ -220,6 +235,7 @@ def smooth_topk_triton(
     correction_bias: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
+    recorder: GapRecorder | None = None,
     block_t: int = 16,
     num_warps: int = 4,
 ) -> tuple[RoutingResult, BandGaps]:
@@ -227,8 +243,10 @@ def smooth_topk_triton(
 
     eps: 0-d float32 tensor on the scores' device. stats: the layer's float64
     buffer (StatsLayout(config.top_k, config.max_extra, E) layout), updated in
-    place. valid: [T] bool, rows to count (padding rows False). Returns the
-    routing and its band gaps, as routing.route_with_gaps does.
+    place. valid: [T] bool, rows to count (padding rows False). recorder: while
+    its flag is set, the valid rows' band gaps are appended to it (as
+    GapRecorder.record does). Returns the routing and its band gaps, as
+    routing.route_with_gaps does.
 
     Safe under CUDA-graph capture: no host sync, no host-to-device copy (the
     margin edges are a per-device constant made on first use), and every
@@ -244,6 +262,9 @@ def smooth_topk_triton(
         raise ValueError(f"correction_bias is defined for scoring_func in {BIASED_SCORING_FUNCS} only")
     K, M, W = config.top_k, config.max_extra, config.width
     dev = scores.device
+    if recorder is not None and (recorder.max_extra != M or recorder.rows.device != dev):
+        raise ValueError(f"the recorder (max_extra {recorder.max_extra}, on {recorder.rows.device}) does not fit "
+                         f"this routing (max_extra {M}, on {dev})")
     scores = scores if scores.stride(1) == 1 else scores.contiguous()
     if eps.dtype != torch.float32 or eps.device != dev or eps.dim():
         eps = eps.to(device=dev, dtype=torch.float32).reshape(())
@@ -251,17 +272,21 @@ def smooth_topk_triton(
     edges = layout.edges_on(dev)
     out = _RoutingOutputs(T, W, M, dev)
     G = config.num_expert_group or 1
+    rec = ((out.gaps, out.gaps, out.gaps, 0) if recorder is None  # placeholders, never read
+           else (recorder.rows, recorder.recorded, recorder.recording.view(torch.uint8), recorder.capacity))
     if T:
         _smooth_topk_kernel[(triton.cdiv(T, block_t),)](
             scores, correction_bias if correction_bias is not None else scores, eps,
             valid if valid is not None else scores, edges, stats if stats is not None else out.weights,
             out.ids, out.weights, out.order, out.capped_u8, out.margin, out.gaps,
+            *rec,
             T, scores.stride(0), float(config.routed_scaling_factor),
             E=E, E_PAD=triton.next_power_of_2(E), K=K, M=M, W1_PAD=triton.next_power_of_2(W + 1),
             SCORE=SCORING_FUNCS.index(config.scoring_func), RENORM=config.renormalize,
             HAS_BIAS=correction_bias is not None,
             G=G, GS=E // G, TOPK_GROUP=config.topk_group or 1, G_PAD=triton.next_power_of_2(G),
-            HAS_VALID=valid is not None, HAS_STATS=stats is not None, NB=len(layout.margin_edges),
+            HAS_VALID=valid is not None, HAS_STATS=stats is not None, HAS_REC=recorder is not None,
+            NB=len(layout.margin_edges),
             HITS_OFF=layout.hits.start, MARGIN_OFF=layout.margin_buckets.start,
             TOPK_OFF=layout.expert_topk.start, EXTRA_OFF=layout.expert_extra.start,
             HEAD_PAD=triton.next_power_of_2(layout.margin_buckets.stop),

@@ -22,8 +22,8 @@ from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
 from smoothsmoe_kernels import RoutingConfig, RoutingResult, StatsLayout, accumulate, resolve_backend
 from smoothsmoe_kernels.eps_control import EpsControl, EpsController
+from smoothsmoe_kernels.gap_recorder import GapRecorder
 from smoothsmoe_kernels.routing import route_with_gaps, router_margin
-from smoothsmoe_kernels.routing_result import BandGaps
 from smoothsmoe_server.options import SmoothingOptions
 
 CALIBRATION_CAPACITY = 16384  # tokens of band gaps a layer keeps while calibrating
@@ -36,36 +36,10 @@ class LayerCounters:
         self.layout = layout
         self.stats = layout.new_buffer(device)  # [layout.size] float64, counts
         layout.edges_on(device)  # the kernel's margin edges, made now: a copy from the host cannot be captured
-        M = layout.max_extra
-        # Band gaps of the tokens seen while recording; the last row is a
-        # scratch row that absorbs the writes of rows not kept.
-        self.gaps = torch.zeros(CALIBRATION_CAPACITY + 1, M + 1, dtype=torch.float32, device=device)
-        self.recorded = torch.zeros((), dtype=torch.int64, device=device)
-        self.recording = torch.zeros((), dtype=torch.bool, device=device)
+        self.recorder = GapRecorder(layout.max_extra, CALIBRATION_CAPACITY, device)
 
     def count(self, result: RoutingResult, valid: torch.Tensor | None) -> None:
         accumulate(self.stats, self.layout, result, valid)
-
-    def record(self, gaps: BandGaps, valid: torch.Tensor | None) -> None:
-        """Keep the band gaps of the real rows while recording (device ops only)."""
-        keep = self.recording.expand(gaps.gaps.shape[0])
-        if valid is not None:
-            keep = keep & valid
-        pos = self.recorded + torch.cumsum(keep, 0) - 1
-        pos = torch.where(keep & (pos < CALIBRATION_CAPACITY), pos, CALIBRATION_CAPACITY)
-        self.gaps.index_copy_(0, pos, torch.cat([gaps.gaps, gaps.cap_gap], dim=-1))
-        self.recorded += keep.sum()
-
-    def start_recording(self) -> None:
-        self.recorded.zero_()
-        self.recording.fill_(True)
-
-    def stop_recording(self) -> BandGaps:
-        """Stop and return what was recorded (a host sync: start-up only)."""
-        self.recording.fill_(False)
-        n = min(int(self.recorded), CALIBRATION_CAPACITY)
-        M = self.layout.max_extra
-        return BandGaps(gaps=self.gaps[:n, :M].clone(), cap_gap=self.gaps[:n, M:].clone())
 
     def reset(self) -> None:
         self.stats.zero_()
@@ -108,20 +82,21 @@ class SmoothRouter(BaseRouter):
     def route_now(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Route and count one step (inside the smoothsmoe::route op).
 
-        On CUDA one Triton launch routes and counts; elsewhere the torch
-        reference routes and the counts are added after it. Either way no
+        On CUDA one Triton launch routes, counts and (while calibrating)
+        records the band gaps; elsewhere the torch reference routes and the
+        counts and gaps are added after it. Either way no
         host sync and fixed shapes on CUDA (tests/server/test_graph_safety.py).
         """
         valid = _real_rows(router_logits.shape[0], router_logits.device)
         if resolve_backend(self.backend, router_logits.device) == "triton":
             from smoothsmoe_kernels.routing_triton import smooth_topk_triton
 
-            result, gaps = smooth_topk_triton(router_logits, self.config, self.eps, self.correction_bias,
-                                              stats=self.counters.stats, valid=valid)
+            result, _ = smooth_topk_triton(router_logits, self.config, self.eps, self.correction_bias,
+                                           stats=self.counters.stats, valid=valid, recorder=self.counters.recorder)
         else:
             result, gaps = route_with_gaps(router_logits, self.config, self.eps, self.correction_bias)
             self.counters.count(result, valid)
-        self.counters.record(gaps, valid)
+            self.counters.recorder.record(gaps, valid)
         if self.controller is not None:
             self.controller.step()
         return for_vllm_experts(result)

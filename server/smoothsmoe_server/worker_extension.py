@@ -24,7 +24,7 @@ class SmoothWorkerExtension:
     def smoothsmoe_start_recording(self) -> int:
         routers = [r for r in self._smoothsmoe_routers() if isinstance(r, SmoothRouter)]
         for r in routers:
-            r.counters.start_recording()
+            r.counters.recorder.start()
         return len(routers)
 
     def smoothsmoe_calibrate(self, budget: float) -> dict[int, dict]:
@@ -33,7 +33,7 @@ class SmoothWorkerExtension:
         for r in self._smoothsmoe_routers():
             if not isinstance(r, SmoothRouter):
                 continue
-            gaps = r.counters.stop_recording()
+            gaps = r.counters.recorder.stop()
             if gaps.gaps.shape[0] == 0:
                 raise RuntimeError(f"calibration saw no tokens in {r.layer_name}")
             cal = calibrate_gaps(gaps, r.config.max_extra, budget)
@@ -52,7 +52,7 @@ class SmoothWorkerExtension:
         out: dict[float, dict[int, float]] = {b: {} for b in budgets}
         for r in self._smoothsmoe_routers():
             if isinstance(r, SmoothRouter):
-                gaps = r.counters.stop_recording()
+                gaps = r.counters.recorder.stop()
                 if gaps.gaps.shape[0] == 0:
                     raise RuntimeError(f"calibration saw no tokens in {r.layer_name}")
                 for b in budgets:

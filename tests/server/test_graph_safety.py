@@ -32,7 +32,7 @@ def test_smoothed_layer_forward_is_capturable():
         weights, ids = router.route_now(logits)
         return _experts_op(x, w13, w2, ids, weights, "triton")
 
-    router.counters.start_recording()  # the calibration recorder runs in the forward too
+    router.counters.recorder.start()  # the calibration recorder runs in the forward too
     runs = []
     for seed in (1, 2, 3):
         logits, x = torch.randn(T, E, generator=g), torch.randn(T, H, generator=g)
@@ -46,4 +46,5 @@ def test_smoothed_layer_forward_is_capturable():
         torch.testing.assert_close(y, moe_experts(x, w13, w2, active, weights, backend="torch"), atol=2e-5, rtol=2e-5)
     assert runs[0] == runs[1] == runs[2]
     assert int(router.counters.stats[0]) == 3 * T  # every token counted once, in the kernel
+    assert router.counters.recorder.stop().gaps.shape[0] == 3 * T  # and recorded once, in the kernel too
     assert int(router.controller.updates) == 3  # a window of 16 closed in each forward of 20 tokens
