@@ -13,7 +13,9 @@ Every SAMPLE_S it reads /metrics: each layer's eps, and its extras per token
 over the tokens routed since the last sample. Writes eps_online.json and
 eps_online.png (extras per token and eps against time, fixed dashed, online
 solid) and prints each layer's mean extras per token over the second half of
-each phase.
+each phase, and, for the online run's settled part of B, how far means over
+windows of 18 to 54 s stray from the budget (what tests/server/test_eps_online.py
+allows for; --phase-s 100 for enough windows).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from loadtests.metrics_scrape import metric_samples
 from loadtests.server_process import ServerProcess
 
 SAMPLE_S = 0.5
+SETTLE_WINDOWS = 20  # the settling time smoothsmoe_kernels.eps_control states
 CONCURRENCY = 8
 DRIFT_PROMPT_TOKENS = 48  # short: tokens of one prompt route alike, so many prompts make a steady mean
 
@@ -102,6 +105,28 @@ def window_extras(samples: list[dict], phase: str, t_from: float, t_to: float = 
     first, last = picked[0]["layers"], picked[-1]["layers"]
     return {layer: (last[layer]["extras"] - first[layer]["extras"])
             / max(1.0, last[layer]["tokens"] - first[layer]["tokens"]) for layer in last}
+
+
+def settled_from(samples: list[dict], tokens: int) -> float:
+    """The time by which every layer has routed `tokens` tokens of phase B (20 windows: the stated settling)."""
+    b = [s for s in samples if s["phase"] == "B"]
+    start = b[0]["layers"]
+    for s in b:
+        if all(s["layers"][k]["tokens"] - start[k]["tokens"] >= tokens for k in start):
+            return s["t"]
+    raise AssertionError(f"phase B did not route {tokens} tokens")
+
+
+def rest_spread(samples: list[dict], budget: float, t_from: float, seconds: float) -> list[float]:
+    """Windows of `seconds` sliding by 1 s from t_from to the end of phase B: for each, the
+    worst layer's |mean extras per token / budget - 1|. At rest, how far a mean over that much
+    traffic strays by itself: what a check of "at the budget" over such a window must allow."""
+    t_end = max(s["t"] for s in samples if s["phase"] == "B")
+    out, t = [], t_from
+    while t + seconds <= t_end:
+        out.append(max(abs(m / budget - 1) for m in window_extras(samples, "B", t, t + seconds).values()))
+        t += 1.0
+    return out
 
 
 def series(samples: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
@@ -175,6 +200,14 @@ def main(argv: list[str] | None = None) -> None:
             ts = [s["t"] for s in samples if s["phase"] == phase]
             means = window_extras(samples, phase, (ts[0] + ts[-1]) / 2)
             print(f"  {name:6s} {phase}: " + "  ".join(f"layer {k} {v:.3f}" for k, v in sorted(means.items())))
+    t0 = settled_from(runs["online"], SETTLE_WINDOWS * args.window)
+    print(f"online, B, settled {t0:.0f} s in: the worst layer's distance from the budget over windows of")
+    for seconds in (18, 27, 36, 48, 54):
+        spread = sorted(rest_spread(runs["online"], budget, t0, seconds))
+        if spread:
+            pct = [spread[min(len(spread) - 1, int(q * len(spread)))] for q in (0.5, 0.9, 0.99)]
+            print(f"  {seconds:3d} s ({len(spread)} windows): p50 {pct[0]:.1%}  p90 {pct[1]:.1%}  p99 {pct[2]:.1%}"
+                  f"  max {spread[-1]:.1%}  over 5 %: {sum(d > 0.05 for d in spread) / len(spread):.0%}")
     print(f"wrote {args.out / 'eps_online.json'} and {args.out / 'eps_online.png'}")
 
 
