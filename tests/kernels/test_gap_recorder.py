@@ -32,7 +32,8 @@ def record_both(config, capacity, steps=STEPS, recording=True):
     """The torch path (reference routing + GapRecorder.record) and the kernel's, over the same steps."""
     ref, ker = GapRecorder(config.max_extra, capacity, DEV), GapRecorder(config.max_extra, capacity, DEV)
     if recording:
-        ref.start(), ker.start()
+        ref.start()
+        ker.start()
     offered = []
     eps = torch.tensor(0.3, device=DEV)
     for i, (T, pad_every) in enumerate(steps):
@@ -65,14 +66,14 @@ def test_nothing_is_recorded_while_the_flag_is_off():
 
 def test_past_the_capacity_the_steps_before_are_kept_whole_and_the_count_goes_on():
     config = RoutingConfig(top_k=2, max_extra=2)
-    capacity = 40  # inside the first step's 25 real rows + the next steps'
+    capacity = 40  # crossed in the fourth step, after 25 + 1 + 0 real rows
     ref, ker, offered = record_both(config, capacity)
     assert int(ker.recorded) == int(ref.recorded) == offered.shape[0] > capacity
     r, k = ref.stop(), ker.stop()
     assert torch.equal(torch.cat([r.gaps, r.cap_gap], -1), offered[:capacity])
     kept = as_set(torch.cat([k.gaps, k.cap_gap], -1))
     assert len(kept) == capacity
-    first_steps = 25 + 1  # steps 0 and 1 end before the capacity: kept whole
+    first_steps = 25 + 1  # the steps before: kept whole
     remaining = as_set(offered)
     for row in as_set(offered[:first_steps]):
         assert row in kept
@@ -99,7 +100,8 @@ def test_a_captured_graph_records_only_while_the_flag_is_set():
     graph.replay()
     assert int(recorder.recorded) == 0
     recorder.start()
-    graph.replay(), graph.replay()
+    graph.replay()
+    graph.replay()
     got = recorder.stop()
     _, gaps = route_with_gaps(scores, config, eps)
     rows = torch.cat([gaps.gaps, gaps.cap_gap], -1)
