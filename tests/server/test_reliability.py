@@ -11,9 +11,9 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
 
+from loadtests.metrics_scrape import metric_samples
 from loadtests.server_process import ServerProcess
 
 QUEUE_LIMIT = 4
@@ -29,8 +29,7 @@ def server(tmp_path_factory, server_env):
 
 
 def gauge(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+    return sum(s.value for s in metric_samples(url) if s.name == name)
 
 
 def long_request(max_tokens: int = 1500) -> dict:
