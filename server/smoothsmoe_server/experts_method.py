@@ -3,7 +3,8 @@
 A smoothed layer runs at width k + max_extra, but only about k + 0.5 of those
 slots are active per token. vLLM's experts kernels compute every slot, so the
 router hands them the inactive ones as the token's top-1 expert at weight 0:
-correct, but each padded slot costs a full expert MLP. This method replaces
+correct, but each padded slot costs a full expert MLP. The router hands this
+method its ids as they are, -1 on an inactive slot. This method replaces
 vLLM's unquantized experts in the layers we smooth (`--smooth-experts
 smoothsmoe`) with `smoothsmoe_kernels.moe_experts`, which skips them: the
 Triton grouped-GEMM kernel on CUDA, the torch reference elsewhere.
@@ -103,10 +104,10 @@ def install(runner) -> None:
 @torch.library.custom_op("smoothsmoe::experts", mutates_args=())
 def _experts_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor, backend: str, weights_on_input: bool = False) -> torch.Tensor:
-    """The layer's expert sum (weights_on_input: Llama 4's, each weight scaling its expert's input). An op:
-    opaque to torch.compile, whose tracing of vLLM's CPU path would otherwise meet the data-dependent pair counts."""
-    active = torch.where(weights > 0, ids, -1)  # the router's padding slots carry weight 0
-    return moe_experts(x, w13, w2, active, weights.float(), backend=backend, weights_on_input=weights_on_input)
+    """The layer's expert sum over the slots with an id >= 0 (the router's -1: inactive; weights_on_input:
+    Llama 4's, each weight scaling its expert's input). An op: opaque to torch.compile, whose tracing of
+    vLLM's CPU path would otherwise meet the data-dependent pair counts."""
+    return moe_experts(x, w13, w2, ids, weights.float(), backend=backend, weights_on_input=weights_on_input)
 
 
 @_experts_op.register_fake

@@ -50,7 +50,8 @@ class SmoothRouter(BaseRouter):
 
     Slots that smooth_topk leaves inactive (id -1) are handed to vLLM's experts
     kernels as the token's top-1 expert with weight 0: vLLM's kernels read -1
-    out of bounds. Those slots are computed and contribute exactly 0.
+    out of bounds. Those slots are computed and contribute exactly 0. This
+    project's experts get the -1 and skip them.
     """
 
     def __init__(self, config: RoutingConfig, num_experts: int, layer_name: str, layer_index: int,
@@ -99,17 +100,24 @@ class SmoothRouter(BaseRouter):
             self.counters.recorder.record(gaps, valid)
         if self.controller is not None:
             self.controller.step()
-        return for_vllm_experts(result)
+        return self._for_experts(result)
 
     def route_uncounted(self, router_logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Route at a given eps without counting (the continuity probe)."""
         result, _ = route_with_gaps(router_logits, self.config, eps, self.correction_bias)
-        return for_vllm_experts(result)
+        return self._for_experts(result)
 
+    def _for_experts(self, result: RoutingResult) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, ids) in the form the layer's experts take.
 
-def for_vllm_experts(result: RoutingResult) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, ids) with inactive slots as the token's top-1 expert at weight 0."""
-    return result.weights, torch.where(result.ids >= 0, result.ids, result.ids[:, :1])
+        This project's experts skip id -1, so they get the routing as it is.
+        vLLM's read an id of -1 out of bounds: they get inactive slots as the token's top-1 expert at
+        weight 0. Nothing between the router and the experts reads the ids: vLLM's runner passes them
+        on (it would map them for EPLB, which a smoothed layer's router is not given).
+        """
+        if self.experts == "smoothsmoe":
+            return result.weights, result.ids
+        return result.weights, torch.where(result.ids >= 0, result.ids, result.ids[:, :1])
 
 
 class CountingRouter(BaseRouter):

@@ -15,11 +15,11 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from smoothsmoe_server.app import SNAPSHOT_MAX_AGE_S
 from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
 
+from loadtests.metrics_scrape import metric_samples
 from loadtests.server_process import ServerProcess
 
 from tests.server.conftest import API_KEY
@@ -28,9 +28,7 @@ PROMPTS = CALIBRATION_PROMPTS[:16]
 
 
 def layer_eps(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {s.labels["layer"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name == "smoothsmoe_epsilon"}
+    return {s.labels["layer"]: s.value for s in metric_samples(url) if s.name == "smoothsmoe_epsilon"}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +56,7 @@ def complete(url: str, prompt: str, key: str | None = None) -> tuple[list[float]
 
 
 def layer_experts(url: str) -> dict[str, str]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {s.labels["layer"]: s.labels["experts"] for f in text_string_to_metric_families(text) for s in f.samples
+    return {s.labels["layer"]: s.labels["experts"] for s in metric_samples(url)
             if s.name == "smoothsmoe_layer_experts" and s.value == 1}
 
 
@@ -88,13 +85,13 @@ def test_outputs_agree_with_vllms_experts_within_bf16_rounding(ours_server, smoo
 
 
 def test_routing_counts_and_continuity_with_our_experts(ours_server):
-    before = httpx.get(f"{ours_server.url}/metrics", timeout=30).text
+    before = metric_samples(ours_server.url)
     complete(ours_server.url, CALIBRATION_PROMPTS[0])
     time.sleep(2 * SNAPSHOT_MAX_AGE_S)  # scrapes closer together share one reading
-    after = httpx.get(f"{ours_server.url}/metrics", timeout=30).text
+    after = metric_samples(ours_server.url)
 
-    def total(text, name):
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+    def total(samples, name):
+        return sum(s.value for s in samples if s.name == name)
 
     assert total(after, "smoothsmoe_tokens_routed_total") > total(before, "smoothsmoe_tokens_routed_total")
     probe = httpx.get(f"{ours_server.url}/smoothsmoe/probe", params={"layer": 0}, timeout=120).json()
