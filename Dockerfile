@@ -20,7 +20,7 @@ FROM base AS cpu
 USER smoothsmoe
 RUN bash deploy/install.sh cpu
 # The embedded default model is built into the image, so the container starts without building it.
-RUN python -c "from smoothsmoe_server.default_model import ensure_default_model; ensure_default_model()"
+RUN python -c "from smoothsmoe_server.models.default_model import ensure_default_model; ensure_default_model()"
 ENV VLLM_CPU_KVCACHE_SPACE=4
 ENTRYPOINT ["smoothsmoe", "serve", "--host", "0.0.0.0", "--port", "8000"]
 

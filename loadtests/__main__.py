@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +44,8 @@ def parse(argv):
             s.add_argument("--tokenizer", required=True, help="tokenizer (path or name) to size synthetic prompts")
         else:
             s.add_argument("model", nargs="?", help="model to serve (default: the embedded tiny MoE)")
+            s.add_argument("--port", type=int, help="port of the servers it starts, one after the other "
+                           "(default: a free one)")
     s = sub.add_parser("soak")
     s.add_argument("--profile", choices=sorted(PROFILES), default="mixed")
     s.add_argument("--request-rate", type=float, default=4.0, help="open loop, requests/s")
@@ -53,6 +54,7 @@ def parse(argv):
     s.add_argument("--url", help="server base URL (default: start `smoothsmoe serve` on the model)")
     s.add_argument("--model", help="served model name (with --url), or the model to serve")
     s.add_argument("--tokenizer", help="tokenizer (path or name) to size synthetic prompts (with --url)")
+    s.add_argument("--port", type=int, help="port of the server it starts (without --url; default: a free one)")
     s.add_argument("--out", type=Path, default=Path("loadtest-results"))
     s.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     args = p.parse_args(argv)
@@ -86,19 +88,17 @@ def cmd_run(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    from loadtests.server_process import ServerProcess, served_model, smoothsmoe_command
 
-    from loadtests.server_process import ServerProcess
-
-    model = args.model or DEFAULT_MODEL_NAME
-    tokenizer = args.model or str(ensure_default_model())
     results = {}
     with tempfile.TemporaryDirectory() as logs:
         for name, flags in (("off", ["--no-smoothing"]), ("on", [])):
-            argv = [sys.executable, "-m", "smoothsmoe_server", "serve", *([args.model] if args.model else []), *flags]
-            server = ServerProcess(name, argv, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, Path(logs))
+            argv = smoothsmoe_command("serve", *([args.model] if args.model else []), *flags)
+            server = ServerProcess(name, argv, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, Path(logs),
+                                   port=args.port)
             try:
-                results[name] = run_profile(server.url, model, tokenizer, PROFILES[args.profile], **common(args))
+                model, root = served_model(server.url)
+                results[name] = run_profile(server.url, model, root, PROFILES[args.profile], **common(args))
             finally:
                 server.stop()
             print_table(results[name], f"{args.profile}, smoothing {name}")
@@ -138,16 +138,15 @@ def cmd_soak(args) -> None:
 
     if args.url:
         return go(args.url, args.model, args.tokenizer, None)
-    from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+    from loadtests.server_process import ServerProcess, served_model, smoothsmoe_command
 
-    from loadtests.server_process import ServerProcess
-
-    argv = [sys.executable, "-m", "smoothsmoe_server", "serve", *([args.model] if args.model else [])]
+    argv = smoothsmoe_command("serve", *([args.model] if args.model else []))
     with tempfile.TemporaryDirectory() as logs:
-        server = ServerProcess("soak", argv, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, Path(logs))
+        server = ServerProcess("soak", argv, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, Path(logs),
+                               port=args.port)
         try:
-            go(server.url, args.model or DEFAULT_MODEL_NAME, args.model or str(ensure_default_model()),
-               server.proc.pid)
+            model, root = served_model(server.url)
+            go(server.url, model, root, server.proc.pid)
         finally:
             server.stop()
 

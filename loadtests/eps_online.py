@@ -3,11 +3,12 @@
     python -m loadtests.eps_online [--phase-s 40] [--out DIR]
 
 Starts `smoothsmoe serve` twice, one after the other (fixed: --smooth-eps auto;
-online: --smooth-eps online), on loadtests.drift_model (the default model with
-a second "language" in its vocabulary: the default model's random weights
-route any text alike, see there), and sends each the same two traffic mixes in
-turn:
-  A  the built-in calibration prompts (the traffic auto calibrated eps on)
+online: --smooth-eps online), on the drift model that `smoothsmoe drift-model DIR`
+builds (the default model with a second "language" in its vocabulary: the
+default model's random weights route any text alike; its drift.json names the
+drift tokens), and sends each the same two traffic mixes in turn:
+  A  prose (loadtests.prompts; the default model routes any prose alike, so
+     this is the traffic auto calibrated eps on, as far as routing can tell)
   B  prompts of the drift tokens (router inputs auto never saw)
 Every SAMPLE_S it reads /metrics: each layer's eps, and its extras per token
 over the tokens routed since the last sample. Writes eps_online.json and
@@ -25,18 +26,17 @@ import asyncio
 import json
 import os
 import random
-import sys
+import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
 import openai
-from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 
-from loadtests.drift_model import drift_token_ids, ensure_drift_model
 from loadtests.metrics_scrape import metric_samples
-from loadtests.server_process import ServerProcess
+from loadtests.prompts import PROSE_PROMPTS
+from loadtests.server_process import ServerProcess, served_model, smoothsmoe_command
 
 SAMPLE_S = 0.5
 SETTLE_WINDOWS = 20  # the settling time smoothsmoe_kernels.eps_control states
@@ -55,28 +55,36 @@ def read_layers(url: str, headers: dict | None = None) -> dict[str, dict[str, fl
     return out
 
 
-def mix_prompt(mix: str, rng: random.Random) -> str | list[int]:
+def build_drift_model(out: Path) -> tuple[Path, range]:
+    """Build (once) the drift model in `out` with `smoothsmoe drift-model`; return it and its drift token ids."""
+    subprocess.run(smoothsmoe_command("drift-model", str(out)), check=True, stdout=subprocess.DEVNULL)
+    first, stop = json.loads((Path(out) / "drift.json").read_text())["token_ids"]
+    return Path(out), range(first, stop)
+
+
+def mix_prompt(mix: str, rng: random.Random, prose: Sequence[str], drift_ids: Sequence[int]) -> str | list[int]:
     if mix == "A":
-        return rng.choice(CALIBRATION_PROMPTS)
-    drift = drift_token_ids()
-    return [rng.choice(drift) for _ in range(DRIFT_PROMPT_TOKENS)]
+        return rng.choice(prose)
+    return [rng.choice(drift_ids) for _ in range(DRIFT_PROMPT_TOKENS)]
 
 
-async def send(url: str, model: str, mix: str, seconds: float, api_key: str, seed: int) -> None:
+async def send(url: str, model: str, mix: str, seconds: float, api_key: str, seed: int,
+               prose: Sequence[str], drift_ids: Sequence[int]) -> None:
     """CONCURRENCY clients sending mix requests back to back for `seconds`."""
     rng = random.Random(seed)
     stop = time.monotonic() + seconds
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=600) as client:
         async def client_loop() -> None:
             while time.monotonic() < stop:
-                await client.completions.create(model=model, prompt=mix_prompt(mix, rng), max_tokens=8,
-                                                temperature=0.0, extra_body={"ignore_eos": True})
+                await client.completions.create(model=model, prompt=mix_prompt(mix, rng, prose, drift_ids),
+                                                max_tokens=8, temperature=0.0, extra_body={"ignore_eos": True})
         await asyncio.gather(*(client_loop() for _ in range(CONCURRENCY)))
 
 
-async def run_phases(url: str, model: str, phases: list[tuple[str, float]], api_key: str = "none",
-                     seed: int = 0) -> list[dict]:
-    """Send each (mix, seconds) in turn; sample every layer every SAMPLE_S. Returns the samples."""
+async def run_phases(url: str, model: str, phases: list[tuple[str, float]], drift_ids: Sequence[int],
+                     prose: Sequence[str] = PROSE_PROMPTS, api_key: str = "none", seed: int = 0) -> list[dict]:
+    """Send each (mix, seconds) in turn (A: `prose`, B: prompts of `drift_ids`); sample every layer
+    every SAMPLE_S. Returns the samples."""
     headers = {"Authorization": f"Bearer {api_key}"}
     samples: list[dict] = []
     start = time.monotonic()
@@ -93,7 +101,7 @@ async def run_phases(url: str, model: str, phases: list[tuple[str, float]], api_
     for i, (mix, seconds) in enumerate(phases):
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample(mix, stop))
-        await send(url, model, mix, seconds, api_key, seed + i)
+        await send(url, model, mix, seconds, api_key, seed + i, prose, drift_ids)
         stop.set()
         await sampler
     return samples
@@ -175,19 +183,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "smoothsmoe-drift-model",
                     help="where the drift model is built (once)")
+    ap.add_argument("--port", type=int, help="port of the servers it starts, one after the other "
+                    "(default: a free one)")
     args = ap.parse_args(argv)
-    model_path = ensure_drift_model(args.model_dir)
+    model_path, drift_ids = build_drift_model(args.model_dir)
     configs = {"fixed": ["--smooth-eps", "auto"],
                "online": ["--smooth-eps", "online", "--smooth-eps-window", str(args.window)]}
     runs: dict[str, list[dict]] = {}
     logs = Path(tempfile.mkdtemp(prefix="eps-online-"))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     for name, flags in configs.items():
-        server = ServerProcess(name, [sys.executable, "-m", "smoothsmoe_server", "serve", str(model_path),
-                                      "--max-model-len", "2048", *flags], env, logs)
+        server = ServerProcess(name, smoothsmoe_command("serve", str(model_path), "--max-model-len", "2048", *flags),
+                               env, logs, port=args.port)
         try:
-            model = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
-            runs[name] = asyncio.run(run_phases(server.url, model, [("A", args.phase_s), ("B", args.phase_s)]))
+            model, _ = served_model(server.url)
+            runs[name] = asyncio.run(run_phases(server.url, model, [("A", args.phase_s), ("B", args.phase_s)],
+                                                drift_ids))
         finally:
             server.stop()
     budget = 0.5

@@ -1,10 +1,17 @@
-"""ServerProcess: a server started as a subprocess on loopback, ready when /health answers."""
+"""ServerProcess: a server started as a subprocess on loopback, ready when /health answers.
+
+The load tests reach the server the way a user does: the `smoothsmoe` command
+to start it, HTTP to talk to it (`served_model` reads what it serves from
+/v1/models). Nothing here imports the server's code.
+"""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,15 +26,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """Starts `argv --host 127.0.0.1 --port <free>` and waits for GET /health = 200.
+def smoothsmoe_command(*args: str) -> list[str]:
+    """argv of the installed `smoothsmoe` command: the one beside this Python (its venv), else on PATH.
 
-    `url` is the base URL; `started_in` the seconds it took; the output goes to `log_path`.
+    Raises FileNotFoundError when neither exists (the project is not installed).
+    """
+    beside = Path(sys.executable).parent / "smoothsmoe"
+    found = str(beside) if beside.is_file() else shutil.which("smoothsmoe")
+    if found is None:
+        raise FileNotFoundError("no `smoothsmoe` command beside this Python or on PATH: install the project "
+                                "(bash deploy/install.sh)")
+    return [found, *args]
+
+
+def served_model(url: str, api_key: str | None = None) -> tuple[str, str]:
+    """(name, root) of the first model `GET /v1/models` lists: the name requests use, and the path or
+    hub name it was loaded from (vLLM's `root`), which names its tokenizer too."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    card = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]
+    return card["id"], card.get("root") or card["id"]
+
+
+class ServerProcess:
+    """Starts `argv --host 127.0.0.1 --port <port>` and waits for GET /health = 200.
+
+    `port` None picks a free one. `url` is the base URL; `started_in` the seconds it took; the
+    output goes to `log_path`. Raises RuntimeError if the server exits, TimeoutError if it is not
+    healthy within START_TIMEOUT_S.
     """
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, cwd: Path | None = None):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, cwd: Path | None = None,
+                 port: int | None = None):
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"{name}.log"
         self._log = open(self.log_path, "w")

@@ -21,15 +21,14 @@ import asyncio
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import openai
-from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
 
 from loadtests.metrics_scrape import metric_samples
-from loadtests.server_process import ServerProcess
+from loadtests.prompts import PROSE_PROMPTS
+from loadtests.server_process import ServerProcess, served_model, smoothsmoe_command
 
 CONFIGS = {"off": ["--no-smoothing"], "on": ["--smooth-experts", "vllm"], "eps0": ["--smooth-eps", "0"],
            "ours": ["--smooth-experts", "smoothsmoe"]}
@@ -47,7 +46,7 @@ def routing_totals(url: str) -> tuple[float, float]:
 
 
 async def one_round(url: str, model: str, requests: int, max_tokens: int) -> tuple[float, int]:
-    prompts = [CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)] for i in range(requests)]
+    prompts = [PROSE_PROMPTS[i % len(PROSE_PROMPTS)] for i in range(requests)]
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*(
@@ -63,18 +62,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per configuration (median reported)")
     parser.add_argument("--configs", default="off,on,eps0,ours")
+    parser.add_argument("--port", type=int, help="port of the servers it starts, one after the other "
+                        "(default: a free one)")
     args = parser.parse_args(argv)
-    served = "smoothsmoe/tiny-qwen3-moe" if args.model is None else args.model
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    base = [sys.executable, "-m", "smoothsmoe_server", "serve", *([args.model] if args.model else [])]
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {served}; "
+    base = smoothsmoe_command("serve", *([args.model] if args.model else []))
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"{args.model or 'the default model'}; "
           f"{args.requests} concurrent requests x {args.max_tokens} tokens, median of {args.rounds} rounds")
     print(f"{'config':>6} {'start s':>8} {'tok/s':>8} {'ratio':>6} {'active/token':>13}")
     baseline = None
     with tempfile.TemporaryDirectory() as logs:
         for name in args.configs.split(","):
-            server = ServerProcess(name, [*base, *CONFIGS[name]], env, logs)
+            server = ServerProcess(name, [*base, *CONFIGS[name]], env, logs, port=args.port)
             try:
+                served, _ = served_model(server.url)
                 tokens0, active0 = routing_totals(server.url)
                 speeds = []
                 for _ in range(args.rounds):

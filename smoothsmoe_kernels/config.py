@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus", "topk_sigmoid")
 BIASED_SCORING_FUNCS = ("sigmoid", "sqrtsoftplus")  # a correction bias steers their selection
 
@@ -17,7 +16,7 @@ class RoutingConfig:
     Built once per layer at load time and only read afterwards; `eps` is not
     here because it is data (calibrated, possibly a device tensor), not shape.
 
-    The weight families of the spec, by scoring_func and renormalize:
+    The weight families of docs/routing.md, by scoring_func and renormalize:
       - softmax + renormalize          (Mixtral, Qwen3-MoE, OLMoE with norm)
       - softmax, not renormalized      (Qwen2-MoE, DeepSeek-V2)
       - sigmoid + renormalize          (DeepSeek-V3, with a score correction bias)

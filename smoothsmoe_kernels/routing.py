@@ -1,4 +1,4 @@
-"""route(): the spec's smoothed top-k routing in vectorized torch.
+"""route(): smoothed top-k routing as docs/routing.md states it, in vectorized torch.
 
 This is the reference that the Triton kernel is tested against, and the CPU
 path of the server (smoothsmoe_kernels.smooth_topk picks it off CUDA).

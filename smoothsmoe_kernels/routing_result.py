@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 FMAX = torch.finfo(torch.float32).max
-STEP_B = 50.0  # s(u) = u^a / (u^a + (1-u)^b) with a = 1, b = 50: the spec's smooth step
+STEP_B = 50.0  # s(u) = u^a / (u^a + (1-u)^b) with a = 1, b = 50: the smooth step of docs/routing.md
 
 
 @dataclass(frozen=True, slots=True)

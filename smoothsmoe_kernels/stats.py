@@ -80,7 +80,7 @@ class StatsLayout:
 
 @dataclass(frozen=True, slots=True)
 class RoutingStats:
-    """The counts of the spec's metrics table, read off a stats buffer (host values)."""
+    """The counts of the metrics table in docs/routing.md, read off a stats buffer (host values)."""
 
     tokens: int
     active: int
@@ -171,7 +171,7 @@ def read_stats(buffer: torch.Tensor, layout: StatsLayout) -> RoutingStats:
 
 
 def routing_stats(result: RoutingResult, top_k: int, num_experts: int) -> RoutingStats:
-    """The spec's metrics counts for one batch's routing result."""
+    """The metrics counts (docs/routing.md) for one batch's routing result."""
     layout = StatsLayout(top_k=top_k, max_extra=result.ids.shape[1] - top_k, num_experts=num_experts)
     buffer = layout.new_buffer(result.ids.device)
     accumulate(buffer, layout, result)

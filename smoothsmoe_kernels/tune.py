@@ -21,7 +21,12 @@ from smoothsmoe_kernels.config import RoutingConfig
 from smoothsmoe_kernels.experts_triton import moe_experts_triton
 from smoothsmoe_kernels.routing import route
 from smoothsmoe_kernels.tile_config import (
-    CANDIDATES, TUNED_DIR, ExpertsTileConfig, default_tile_config, device_key, save_tile_table,
+    CANDIDATES,
+    TUNED_DIR,
+    ExpertsTileConfig,
+    default_tile_config,
+    device_key,
+    save_tile_table,
 )
 from smoothsmoe_kernels.timing import GRAPH_MAX_T, device_name, graph_time_us, time_us
 

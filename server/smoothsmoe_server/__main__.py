@@ -1,5 +1,5 @@
 import sys
 
-from smoothsmoe_server.cli import main
+from smoothsmoe_server.commands.cli import main
 
 sys.exit(main())

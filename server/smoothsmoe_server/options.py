@@ -11,6 +11,10 @@ from dataclasses import dataclass
 # (API server, engine core, workers). Unset: the plugin leaves vLLM stock.
 ENV_VAR = "SMOOTHSMOE_OPTIONS"
 EXPERTS_BACKENDS = ("auto", "smoothsmoe", "vllm")
+# vLLM's --worker-extension-cls for every engine this project starts (serve,
+# calibrate, eval): its counters, eps and probes live in the workers. Here,
+# not in a command module, so that every command can name it without a circle.
+WORKER_EXTENSION = "smoothsmoe_server.engine.worker_extension.SmoothWorkerExtension"
 
 
 @dataclass(frozen=True, slots=True)

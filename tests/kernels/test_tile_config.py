@@ -10,7 +10,13 @@ import torch
 from smoothsmoe_kernels import moe_experts, smooth_topk
 from smoothsmoe_kernels.experts_triton import moe_experts_triton
 from smoothsmoe_kernels.tile_config import (
-    CANDIDATES, ExpertsTileConfig, default_tile_config, load_tile_table, save_tile_table, table_name, tile_config,
+    CANDIDATES,
+    ExpertsTileConfig,
+    default_tile_config,
+    load_tile_table,
+    save_tile_table,
+    table_name,
+    tile_config,
 )
 from smoothsmoe_kernels.tune import tune_experts
 

@@ -56,7 +56,7 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
 
     smooth = mode != "stock"
-    extension = "smoothsmoe_server.worker_extension.SmoothWorkerExtension" if smooth else ""
+    extension = "smoothsmoe_server.engine.worker_extension.SmoothWorkerExtension" if smooth else ""
     llm = LLM(model=model, dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=0,
               worker_extension_cls=extension)
     params = SamplingParams(max_tokens=6, temperature=0.0)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
 from loadtests.server_process import ServerProcess
 

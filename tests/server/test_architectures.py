@@ -17,9 +17,9 @@ import sys
 
 import pytest
 import torch
+from smoothsmoe_server.api.metrics import RoutingMetrics
 
 from smoothsmoe_kernels import StatsLayout, read_stats
-from smoothsmoe_server.metrics import RoutingMetrics
 from tests.server.conftest import REPO
 from tests.server.tiny_checkpoints import ARCHS, SHAPES, build_tiny
 

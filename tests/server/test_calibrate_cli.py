@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
-from smoothsmoe_server.default_model import NUM_LAYERS, TOP_K, ensure_default_model
-from smoothsmoe_server.eps import EpsPlan
+from smoothsmoe_server.engine.eps import EpsPlan
+from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
+from smoothsmoe_server.models.default_model import NUM_LAYERS, TOP_K, ensure_default_model
 
 
 def test_calibrate_writes_per_layer_eps(tmp_path, model_cache, server_env):

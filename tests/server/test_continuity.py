@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from smoothsmoe_server.default_model import NUM_LAYERS
+from smoothsmoe_server.models.default_model import NUM_LAYERS
 
 
 @pytest.mark.parametrize("layer", range(NUM_LAYERS))

@@ -1,6 +1,6 @@
 """--smooth-eps online on a traffic shift: fixed eps leaves the budget, online comes back and stays.
 
-Both servers serve loadtests.drift_model (the default model with a second
+Both servers serve smoothsmoe_server.models.drift_model (the default model with a second
 "language" in its vocabulary: the default model's random weights route any text
 alike) and get the same two mixes: the built-in prompts (A), then prompts of
 the drift tokens (B). Phase lengths are seconds of traffic on this 2-core
@@ -24,9 +24,10 @@ import sys
 import time
 
 import pytest
-from smoothsmoe_server.eps import EpsPlan
+from smoothsmoe_server.engine.eps import EpsPlan
+from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
+from smoothsmoe_server.models.drift_model import drift_token_ids, ensure_drift_model
 
-from loadtests.drift_model import ensure_drift_model
 from loadtests.eps_online import SETTLE_WINDOWS, read_layers, run_phases, settled_from, window_extras
 from loadtests.server_process import ServerProcess
 
@@ -47,7 +48,9 @@ def drift_runs(tmp_path_factory, server_env, model_cache):
                                       "--max-model-len", "2048", "--served-model-name", "drift", *flags],
                                server_env, tmp_path_factory.mktemp("logs"))
         try:
-            samples = asyncio.run(run_phases(server.url, "drift", PHASES))
+            # A: the prompts auto calibrated eps on, so that fixed eps starts at the budget.
+            samples = asyncio.run(run_phases(server.url, "drift", PHASES, drift_token_ids(),
+                                             prose=CALIBRATION_PROMPTS))
             # No traffic now, so no eps moves; the eps log (a line a second) records that state
             # before the final read, which test_eps_log_replays_the_final_state compares with it.
             time.sleep(LOG_SETTLE_S)

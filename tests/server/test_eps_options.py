@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from smoothsmoe_server.eps import EpsPlan, eps_log_line, load_eps_file
+from smoothsmoe_server.engine.eps import EpsPlan, eps_log_line, load_eps_file
+from smoothsmoe_server.engine.router import SmoothRouter
 from smoothsmoe_server.options import SmoothingOptions
-from smoothsmoe_server.router import SmoothRouter
 
 from smoothsmoe_kernels import RoutingConfig, StatsLayout
 

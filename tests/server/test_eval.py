@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from smoothsmoe_server.default_model import _CORPUS, TOP_K, ensure_default_model
+from smoothsmoe_server.models.default_model import _CORPUS, TOP_K, ensure_default_model
 
 WINDOW, MAX_TOKENS = 256, 2048
 SIGMA = 1e-3  # crossings happen among the 128 prefixes; the smoothed layers are still in their linear range
@@ -120,7 +120,7 @@ def test_stability_is_zero_without_noise_and_smoothing_removes_the_jumps(evaluat
 def test_serve_takes_the_same_top_k_flag():
     import argparse
 
-    from smoothsmoe_server.cli import add_smoothing_args, options_from_args
+    from smoothsmoe_server.commands.cli import add_smoothing_args, options_from_args
     from smoothsmoe_server.options import SmoothingOptions
 
     parser = argparse.ArgumentParser()

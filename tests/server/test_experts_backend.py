@@ -15,13 +15,12 @@ import time
 
 import httpx
 import pytest
-from smoothsmoe_server.app import SNAPSHOT_MAX_AGE_S
-from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
+from smoothsmoe_server.api.app import SNAPSHOT_MAX_AGE_S
+from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
+from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME as MODEL
 
 from loadtests.metrics_scrape import metric_samples
 from loadtests.server_process import ServerProcess
-
 from tests.server.conftest import API_KEY
 
 PROMPTS = CALIBRATION_PROMPTS[:16]

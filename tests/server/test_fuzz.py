@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import OpenAI
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
+from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME as MODEL
 
 from loadtests.server_process import ServerProcess
 

@@ -9,9 +9,9 @@ fails on any that would sync with the host, copy from it, or size by data.
 from __future__ import annotations
 
 import torch
-from smoothsmoe_server.experts_method import _experts_op
+from smoothsmoe_server.engine.experts_method import _experts_op
+from smoothsmoe_server.engine.router import SmoothRouter
 from smoothsmoe_server.options import SmoothingOptions
-from smoothsmoe_server.router import SmoothRouter
 
 from smoothsmoe_kernels import RoutingConfig, moe_experts
 from tests.graph_safety import record

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME, TOP_K, ensure_default_model
+from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME, TOP_K, ensure_default_model
 
 from loadtests.profiles import PROFILES
 from loadtests.report import LATENCIES, save

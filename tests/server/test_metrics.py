@@ -6,9 +6,9 @@ import asyncio
 
 import openai
 import pytest
-from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
-from smoothsmoe_server.default_model import NUM_EXPERTS, NUM_LAYERS, TOP_K
+from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
+from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME as MODEL
+from smoothsmoe_server.models.default_model import NUM_EXPERTS, NUM_LAYERS, TOP_K
 
 from loadtests.metrics_scrape import metric_samples
 from tests.server.conftest import API_KEY

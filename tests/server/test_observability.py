@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
+from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME as MODEL
 
 from loadtests.server_process import ServerProcess, free_port
 from loadtests.soak import scrape

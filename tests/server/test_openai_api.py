@@ -8,7 +8,7 @@ import json
 import httpx
 import openai
 import pytest
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
+from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME as MODEL
 
 from tests.server.conftest import API_KEY
 

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
+from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME as MODEL
 
 from loadtests.metrics_scrape import metric_samples
 from loadtests.server_process import ServerProcess

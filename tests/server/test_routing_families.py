@@ -18,14 +18,14 @@ import inspect
 
 import pytest
 import torch
+from smoothsmoe_server.engine.family_probe import recognise_routing_function
+from smoothsmoe_server.engine.moe_patch import routing_config
 from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
 from vllm.model_executor.models.llama4 import Llama4MoE
 from vllm.model_executor.models.phimoe import phimoe_routing_function
 
 from smoothsmoe_kernels import RoutingConfig, route
 from smoothsmoe_kernels.routing_triton import smooth_topk_triton
-from smoothsmoe_server.family_probe import recognise_routing_function
-from smoothsmoe_server.moe_patch import routing_config
 
 
 def by_expert(ids, weights):
@@ -160,7 +160,7 @@ def test_a_layer_without_a_family_is_exported_as_stock():
     """Such a layer has no counters (no family to count by); /metrics still names it, smoothed 0.
     The live path (the snapshot's "uncounted" list) is covered by the Phi-3.5-MoE checkpoint of
     test_architectures."""
-    from smoothsmoe_server.metrics import RoutingMetrics
+    from smoothsmoe_server.api.metrics import RoutingMetrics
 
     metrics = RoutingMetrics()
     metrics.update({"options": None, "layers": [],

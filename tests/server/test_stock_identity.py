@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import openai
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
+from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME as MODEL
 
 from tests.server.test_metrics import scrape
 

@@ -19,10 +19,9 @@ import sys
 import httpx
 import openai
 import pytest
-from smoothsmoe_server.default_model import DEFAULT_MODEL_NAME as MODEL
-
-from smoothsmoe_server.cpu_binding import split_cpus
-from smoothsmoe_server.default_model import ensure_default_model
+from smoothsmoe_server.commands.cpu_binding import split_cpus
+from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME as MODEL
+from smoothsmoe_server.models.default_model import ensure_default_model
 
 from loadtests.server_process import ServerProcess
 from loadtests.soak import scrape

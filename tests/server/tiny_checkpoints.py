@@ -33,7 +33,7 @@ import pathlib
 import shutil
 
 import torch
-from smoothsmoe_server.default_model import (
+from smoothsmoe_server.models.default_model import (
     EOS_TOKEN_ID,
     PAD_TOKEN_ID,
     VOCAB_SIZE,

@@ -16,17 +16,16 @@ import sys
 from collections.abc import Callable
 
 import torch
-
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 from vllm.model_executor.models.utils import extract_layer_index
 
 from smoothsmoe_kernels import RoutingConfig
 from smoothsmoe_kernels.config import BIASED_SCORING_FUNCS, SCORING_FUNCS
-from smoothsmoe_server.eps import EpsPlan
-from smoothsmoe_server.family_probe import recognise_routing_function
+from smoothsmoe_server.engine.eps import EpsPlan
+from smoothsmoe_server.engine.family_probe import recognise_routing_function
+from smoothsmoe_server.engine.router import CountingRouter, SmoothRouter
 from smoothsmoe_server.options import SmoothingOptions
-from smoothsmoe_server.router import CountingRouter, SmoothRouter
 
 logger = logging.getLogger("vllm.smoothsmoe")  # under "vllm": vLLM's log handlers and format
 _MARK = "_smoothsmoe_original"
@@ -161,7 +160,7 @@ def routing_config(a: dict, max_extra: int, our_experts: bool = False) -> tuple[
 
 
 def _our_experts_take(a: dict) -> bool:
-    from smoothsmoe_server import experts_method  # imported where used, as in use_our_experts
+    from smoothsmoe_server.engine import experts_method  # imported where used, as in use_our_experts
 
     return experts_method.unsupported_reason_before_build(a) is None
 
@@ -170,7 +169,7 @@ def use_our_experts(runner, options: SmoothingOptions, device, prefix: str) -> s
     """Give a smoothed layer our active-pairs experts if asked and possible; returns which it has."""
     if options.experts_backend(torch.device(device).type) != "smoothsmoe":
         return "vllm"
-    from smoothsmoe_server import experts_method
+    from smoothsmoe_server.engine import experts_method
 
     reason = experts_method.unsupported_reason(runner)
     if reason is not None:

@@ -182,7 +182,7 @@ def _decide(module: str, kw: dict[str, str]) -> tuple[str, str, str]:
 def _recognised(module: str, expression: str) -> tuple[bool, tuple[str, bool] | None]:
     """Import the model module, find the routing function the call names, and probe it:
     (whether the function was found, its family or None)."""
-    from smoothsmoe_server.family_probe import recognise_routing_function
+    from smoothsmoe_server.engine.family_probe import recognise_routing_function
 
     try:
         namespace = vars(importlib.import_module(module))

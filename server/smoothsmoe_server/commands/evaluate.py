@@ -15,7 +15,7 @@ calibrates; the same again at each --top-k other than the model's) it reports:
              with sigma.
 
 Each (top-k, stock or smoothed) pair of settings runs in its own vLLM engine, in a child
-process (`python -m smoothsmoe_server.evaluate --engine SPEC OUT`), because the plugin's
+process (`python -m smoothsmoe_server.commands.evaluate --engine SPEC OUT`), because the plugin's
 options are fixed when an engine builds its layers; smoothed budgets share one engine and
 one calibration recording. Output: a table, a JSON file and a PNG of the trade-offs.
 """
@@ -59,8 +59,8 @@ def run_engine(spec: EngineSpec) -> list[dict]:
     os.environ.update({"SMOOTHSMOE_OPTIONS": json.dumps(spec.options)})
     from vllm import LLM, SamplingParams
 
-    from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
-    from smoothsmoe_server.cli import WORKER_EXTENSION
+    from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
+    from smoothsmoe_server.options import WORKER_EXTENSION
 
     vocab = _vocab_size(spec.engine_kwargs)
     top = spec.top_logprobs or min(vocab, FULL_VOCAB_MAX)
@@ -197,7 +197,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.model_tag is not None:
         args.model = args.model_tag
     elif args.model == parser.get_default("model"):
-        from smoothsmoe_server import default_model
+        from smoothsmoe_server.models import default_model
 
         args.model = str(default_model.ensure_default_model())
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -269,7 +269,7 @@ def _run_child(spec: EngineSpec) -> list[dict]:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
-        run = subprocess.run([sys.executable, "-m", "smoothsmoe_server.evaluate", "--engine", str(spec_path),
+        run = subprocess.run([sys.executable, "-m", "smoothsmoe_server.commands.evaluate", "--engine", str(spec_path),
                               str(out_path)], env=env)
         if run.returncode != 0:
             raise SystemExit(f"smoothsmoe eval: the engine for {spec.options} failed (exit {run.returncode})")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 from smoothsmoe_kernels import calibrate_gaps
-from smoothsmoe_server.probe import probe_layer
-from smoothsmoe_server.router import CountingRouter, SmoothRouter
+from smoothsmoe_server.engine.probe import probe_layer
+from smoothsmoe_server.engine.router import CountingRouter, SmoothRouter
 
 
 class SmoothWorkerExtension:

@@ -24,8 +24,8 @@ def register() -> None:
         return
     # Imported here: the vLLM modules below must not load before vLLM's own
     # plugin machinery has set the platform up.
-    from smoothsmoe_server import router  # noqa: F401  (registers the smoothsmoe:: custom ops)
-    from smoothsmoe_server.eps import EpsPlan
-    from smoothsmoe_server.moe_patch import install
+    from smoothsmoe_server.engine import router  # noqa: F401  (registers the smoothsmoe:: custom ops)
+    from smoothsmoe_server.engine.eps import EpsPlan
+    from smoothsmoe_server.engine.moe_patch import install
 
     install(options, EpsPlan.parse(options.eps))

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from smoothsmoe_server.default_model import VOCAB_SIZE, ensure_default_model
+
+from smoothsmoe_server.models.default_model import VOCAB_SIZE, ensure_default_model
 
 DRIFT_TOKENS = 256  # ids VOCAB_SIZE - 256 .. VOCAB_SIZE - 1: rare merges, almost absent from prose
 DRIFT_NOISE = 1.0  # noise relative to the shared direction: clustered, not collapsed
@@ -32,10 +33,14 @@ def drift_token_ids() -> range:
 
 
 def ensure_drift_model(out: Path, cache_dir: Path | None = None) -> Path:
-    """Build (once) the drift copy of the default model in `out`; return its path."""
+    """Build (once) the drift copy of the default model in `out`; return its path.
+
+    `out/drift.json` records how it was made and `token_ids`: [first, stop) of the drift tokens,
+    which is all a load test needs to know of it (`smoothsmoe drift-model DIR` builds it).
+    """
     out = Path(out)
     marker = out / "drift.json"
-    if marker.is_file():
+    if marker.is_file() and "token_ids" in json.loads(marker.read_text()):
         return out
     base = ensure_default_model(cache_dir)
     tmp = out.with_name(out.name + ".tmp")
@@ -52,7 +57,9 @@ def ensure_drift_model(out: Path, cache_dir: Path | None = None) -> Path:
     scale = emb.float().norm(dim=1).mean() / rows.norm(dim=1, keepdim=True)  # the default rows' norm
     emb[ids] = (rows * scale).to(emb.dtype)
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "drift.json").write_text(json.dumps({"tokens": DRIFT_TOKENS, "noise": DRIFT_NOISE, "seed": SEED}) + "\n")
+    ids = drift_token_ids()
+    (tmp / "drift.json").write_text(json.dumps({"tokens": DRIFT_TOKENS, "noise": DRIFT_NOISE, "seed": SEED,
+                                                "token_ids": [ids.start, ids.stop]}) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

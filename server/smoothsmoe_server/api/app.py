@@ -28,10 +28,10 @@ from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-from smoothsmoe_server import responses_input
-from smoothsmoe_server.calibration_prompts import CALIBRATION_PROMPTS
-from smoothsmoe_server.eps import EpsPlan, eps_log_line
-from smoothsmoe_server.metrics import RoutingMetrics
+from smoothsmoe_server.api import responses_input
+from smoothsmoe_server.api.metrics import RoutingMetrics
+from smoothsmoe_server.engine.eps import EpsPlan, eps_log_line
+from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.options import SmoothingOptions
 
 logger = logging.getLogger("vllm.smoothsmoe")  # under "vllm": vLLM's log handlers and format

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loadtests.ep_sim import placement, simulate, traffic
+from smoothsmoe_kernels.ep_sim import placement, simulate, traffic
 
 IDS = torch.tensor([[0, 1, -1], [2, 3, 1], [0, 2, -1]])  # 3 tokens, 4 experts, -1 inactive
 

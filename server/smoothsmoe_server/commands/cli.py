@@ -1,4 +1,4 @@
-"""smoothsmoe serve|calibrate|eval|models (python -m smoothsmoe_server does the same).
+"""smoothsmoe serve|calibrate|eval|models|drift-model (python -m smoothsmoe_server does the same).
 
 `serve` is `vllm serve` with a "Smoothing" group of flags: vLLM's own parser
 and flags, passed through untouched. Our flags are generated from the fields
@@ -15,10 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from smoothsmoe_server.options import SmoothingOptions
+from smoothsmoe_server.options import WORKER_EXTENSION, SmoothingOptions
 
-WORKER_EXTENSION = "smoothsmoe_server.worker_extension.SmoothWorkerExtension"
-MIDDLEWARE = ["smoothsmoe_server.app.MetricsRefresh", "smoothsmoe_server.app.OpenAIErrorBodies"]
+MIDDLEWARE = ["smoothsmoe_server.api.app.MetricsRefresh", "smoothsmoe_server.api.app.OpenAIErrorBodies"]
 # Flag help, keyed by SmoothingOptions field; `model` is not a flag (it is
 # the served model name).
 FLAG_HELP = {
@@ -86,7 +85,7 @@ def serve(argv: list[str]) -> int:
         use_default_model(args)
     served = (args.served_model_name or [args.model])[0]
     options = options_from_args(args, served)
-    from smoothsmoe_server.eps import EpsPlan
+    from smoothsmoe_server.engine.eps import EpsPlan
 
     EpsPlan.parse(options.eps)  # a bad --smooth-eps fails here, not in a worker
     if args.worker_extension_cls not in ("", WORKER_EXTENSION):
@@ -94,19 +93,19 @@ def serve(argv: list[str]) -> int:
     if args.api_server_count not in (None, 1):
         parser.error("smoothsmoe serves its routing metrics from one API server: use --api-server-count 1")
     if args.metrics_require_api_key:
-        from smoothsmoe_server.app import api_keys
+        from smoothsmoe_server.api.app import api_keys
 
         if not api_keys(args):
             parser.error("--metrics-require-api-key needs --api-key (or VLLM_API_KEY)")
     bind_cpu_workers(parser, args)
     args.worker_extension_cls = WORKER_EXTENSION
     # Listed innermost first: the error bodies wrap everything, the key check runs before a metrics refresh.
-    keyed = ["smoothsmoe_server.app.KeyedMetrics"] if args.metrics_require_api_key else []
+    keyed = ["smoothsmoe_server.api.app.KeyedMetrics"] if args.metrics_require_api_key else []
     args.middleware = [*args.middleware, MIDDLEWARE[0], *keyed, *MIDDLEWARE[1:]]
     os.environ.update(options.to_env())
     validate_parsed_serve_args(args)
 
-    from smoothsmoe_server.app import run_server
+    from smoothsmoe_server.api.app import run_server
 
     uvloop.run(run_server(args, options))
     return 0
@@ -116,7 +115,7 @@ def bind_cpu_workers(parser, args: argparse.Namespace) -> None:
     """On vLLM's CPU build with several ranks on one machine, bind their threads (see cpu_binding)."""
     from vllm.platforms import current_platform
 
-    from smoothsmoe_server.cpu_binding import ENV_VAR, default_binding
+    from smoothsmoe_server.commands.cpu_binding import ENV_VAR, default_binding
 
     if not current_platform.is_cpu() or os.environ.get(ENV_VAR, "auto") != "auto":
         return
@@ -131,7 +130,7 @@ def bind_cpu_workers(parser, args: argparse.Namespace) -> None:
 
 def use_default_model(args: argparse.Namespace) -> None:
     """Serve the embedded tiny Qwen3-MoE (built on first use), sized for a CPU."""
-    from smoothsmoe_server import default_model
+    from smoothsmoe_server.models import default_model
 
     args.model = str(default_model.ensure_default_model())
     if not args.served_model_name:
@@ -171,7 +170,7 @@ def calibrate(argv: list[str]) -> int:
     llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=True)  # the progress bar
     layers = llm.collective_rpc("smoothsmoe_calibrate", args=(options.budget,))[0]
     top_k = {s["layer"]: s["top_k"] for s in llm.collective_rpc("smoothsmoe_snapshot")[0]["layers"]}
-    from smoothsmoe_server.eps import save_eps_file
+    from smoothsmoe_server.engine.eps import save_eps_file
 
     save_eps_file(args.out, layers, {"model": args.model, "budget": options.budget, "max_extra": options.max_extra,
                                      "prompts": len(prompts)})
@@ -201,26 +200,39 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def evaluate(argv: list[str]) -> int:
-    from smoothsmoe_server import evaluate as evaluation
+    from smoothsmoe_server.commands import evaluate as evaluation
 
     return evaluation.main(argv)
 
 
 def models(argv: list[str]) -> int:
-    from smoothsmoe_server import model_table
+    from smoothsmoe_server.commands import model_table
 
     return model_table.main(argv)
 
 
+def drift_model(argv: list[str]) -> int:
+    from smoothsmoe_server.models.drift_model import ensure_drift_model
+
+    parser = argparse.ArgumentParser(prog="smoothsmoe drift-model",
+                                     description="Build (once) the default model's drift copy, for load tests "
+                                     "of --smooth-eps online; print its path. DIR/drift.json names its drift tokens.")
+    parser.add_argument("dir", type=Path, help="where to build it")
+    print(ensure_drift_model(parser.parse_args(argv).dir))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve": serve, "calibrate": calibrate, "eval": evaluate, "models": models}
+    commands = {"serve": serve, "calibrate": calibrate, "eval": evaluate, "models": models,
+                "drift-model": drift_model}
     if not argv or argv[0] not in commands:
-        print("usage: smoothsmoe {serve,calibrate,eval,models} [-h] ...\n"
+        print("usage: smoothsmoe {serve,calibrate,eval,models,drift-model} [-h] ...\n"
               "  serve      OpenAI-compatible server with smoothed MoE routing (default model: embedded tiny MoE)\n"
               "  calibrate  fit per-layer eps on your prompts, write a JSON file for --smooth-eps\n"
               "  eval       cost, quality and stability of smoothing on your model and text, against stock\n"
-              "  models     the installed vLLM's MoE model classes: smoothed, or stock and why",
+              "  models     the installed vLLM's MoE model classes: smoothed, or stock and why\n"
+              "  drift-model  build the default model's drift copy (traffic that moves routing), for load tests",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])

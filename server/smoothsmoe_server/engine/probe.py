@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from smoothsmoe_server.router import SmoothRouter
+from smoothsmoe_server.engine.router import SmoothRouter
 
 
 @torch.inference_mode()

@@ -1,6 +1,6 @@
 """What smoothing would cost under expert parallelism: dispatch traffic and expert load, simulated.
 
-    python -m loadtests.ep_sim [--tokens 16384] [--ranks 2,4,8,16] [--placement contiguous,round-robin]
+    python -m smoothsmoe_kernels.ep_sim [--tokens 16384] [--ranks 2,4,8,16] [--placement contiguous,round-robin]
 
 Expert parallelism (vLLM's --enable-expert-parallel) puts each expert on one
 rank and sends every token's activation to each rank that holds one of its
@@ -89,7 +89,7 @@ def simulate(tokens: int, ranks_list: list[int], placements: list[str], seed: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m loadtests.ep_sim", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m smoothsmoe_kernels.ep_sim", description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--ranks", default="2,4,8,16")
     ap.add_argument("--placement", default="contiguous,round-robin")

@@ -1,0 +1,2 @@
+"""Checkpoints built locally (no download): the embedded default model, its drift copy for the
+eps-online load test, and the text they are calibrated and evaluated on."""
