@@ -38,6 +38,8 @@ import torch
 
 from smoothsmoe_kernels.stats import EXTRAS_INDEX, TOKENS_INDEX
 
+SETTLE_WINDOWS = 20  # the settling time this project states for a traffic shift, in windows (see above)
+
 
 @dataclass(frozen=True, slots=True)
 class EpsControl:

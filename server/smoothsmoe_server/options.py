@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # cli.py writes the options here; register() reads them in every vLLM process
 # (API server, engine core, workers). Unset: the plugin leaves vLLM stock.
@@ -17,20 +17,44 @@ EXPERTS_BACKENDS = ("auto", "smoothsmoe", "vllm")
 WORKER_EXTENSION = "smoothsmoe_server.engine.worker_extension.SmoothWorkerExtension"
 
 
+def _flag(default, help: str, shown: str | None = None):
+    """A field that is a `smoothsmoe serve` flag: its help (the one text `--help=Smoothing` and the
+    README's flags table show) and, where the value itself would mislead, how its default reads."""
+    return field(default=default, metadata={"help": help, "shown": shown})
+
+
 @dataclass(frozen=True, slots=True)
 class SmoothingOptions:
-    """What `smoothsmoe serve` was asked for; one flag per field (--smooth-<field>)."""
+    """What `smoothsmoe serve` was asked for; one flag per field (--smooth-<field>), but `model`.
 
-    enabled: bool = True  # --smoothing / --no-smoothing: off routes stock top-k (still counted)
-    eps: str = "auto"  # a number (all layers), a JSON file of per-layer values, "auto" or "online"
-    budget: float = 0.5  # target mean extra experts per token, for eps=auto and online
-    eps_window: int = 1024  # eps=online: tokens a layer routes between two eps updates
-    eps_range: float = 16.0  # eps=online: eps stays within [eps0 / range, eps0 * range] of its calibrated eps0
-    eps_log: str = ""  # a file: append every layer's eps (and counts) once a second, JSON lines
-    max_extra: int = 2  # cap on extra experts per token; layer width is top_k + max_extra
-    top_k: int = 0  # experts per token of every MoE layer; 0 keeps the model's
-    experts: str = "auto"  # a smoothed layer's experts: "smoothsmoe" (active pairs only), "vllm" (padded), "auto"
-    model: str = ""  # the served model name, for the config info metric
+    Each flag's meaning and default live here and only here: commands/cli.py builds the flags from
+    these fields, and tests/server/test_reference_tables.py holds the README's table to them.
+    `{settle_windows}` in a help text is eps_control.SETTLE_WINDOWS, filled in by the cli.
+    """
+
+    enabled: bool = _flag(True, "off serves stock top-k routing, bit-identical to vLLM without the plugin, "
+                          "still counted in `/metrics`")
+    eps: str = _flag("auto", "band width per layer in router-score units: a number (all layers), a JSON file from "
+                     "`smoothsmoe calibrate` (or an eps log, below), `auto`: calibrated at start-up on built-in "
+                     "prompts to the budget, then fixed, or `online`: calibrated, then each layer's eps follows "
+                     "its traffic to hold the budget")
+    budget: float = _flag(0.5, "target mean extra experts per token for `auto` and `online` (the paper's k + 0.5)")
+    eps_window: int = _flag(1024, "`online`: tokens a layer routes between two updates of its eps; the gain of "
+                            "each update adapts, and a traffic shift settles within {settle_windows} windows")
+    eps_range: float = _flag(16.0, "`online`: each layer's eps stays within [eps0 / range, eps0 x range] of its "
+                             "calibrated eps0 (`smoothsmoe_epsilon_bound` shows the bounds)", shown="`16`")
+    eps_log: str = _flag("", "a file: every layer's eps and counts, one JSON line a second; its last line is a "
+                         "valid `--smooth-eps` file", shown="none")
+    max_extra: int = _flag(2, "cap on extra experts per token; layers run at width `top_k + max_extra`")
+    top_k: int = _flag(0, "experts per token of every MoE layer in place of the model's top-k: with smoothing on, "
+                       "a smaller k with the band keeping it continuous (S2MoE's cheaper inference); with "
+                       "`--no-smoothing`, stock routing at that k (what a checkpoint whose config says that k "
+                       "serves)", shown="model's")
+    experts: str = _flag("auto", "experts computation of smoothed layers: `smoothsmoe` (this project's, active "
+                         "pairs only: the Triton grouped-GEMM kernel on CUDA, the torch reference elsewhere), "
+                         "`vllm` (vLLM's own kernel, which also computes each inactive slot, at weight 0), "
+                         "`auto` = `smoothsmoe` on CUDA, `vllm` on the CPU")
+    model: str = ""  # the served model name, for the config info metric (not a flag)
 
     def __post_init__(self):
         if self.top_k < 0:

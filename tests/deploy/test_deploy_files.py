@@ -125,7 +125,9 @@ def test_kubernetes_manifests_fit_together():
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert pod["spec"]["terminationGracePeriodSeconds"] >= 60
+    from smoothsmoe_server.commands.cli import GRACEFUL_SHUTDOWN_S, SHUTDOWN_TIMEOUT_S
+
+    assert pod["spec"]["terminationGracePeriodSeconds"] > SHUTDOWN_TIMEOUT_S + GRACEFUL_SHUTDOWN_S  # drain fits
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
     assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smoothsmoe_kernels import RoutingConfig, StatsLayout, accumulate, calibrate_eps, route
-from smoothsmoe_kernels.eps_control import EpsControl, EpsController
+from smoothsmoe_kernels.eps_control import SETTLE_WINDOWS, EpsControl, EpsController
 from tests.graph_safety import record
 
 E, K, M, BUDGET, BATCH = 16, 2, 2, 0.5, 64
@@ -56,7 +56,7 @@ def test_online_eps_returns_to_the_budget_after_a_shift_and_fixed_eps_does_not()
     fixed, online = Layer(eps0, None), Layer(eps0, control)
     for layer in (fixed, online):
         assert abs(run(layer, "a", 16384, g) / BUDGET - 1) < 0.05  # calibrated on mix a: on budget
-    settle = 20 * control.window  # the stated settling time: 20 windows (eps_control's docstring)
+    settle = SETTLE_WINDOWS * control.window  # the stated settling time (eps_control.SETTLE_WINDOWS)
     drift = run(fixed, "b", settle + 32768, g)
     assert drift / BUDGET - 1 > 0.20, drift  # the shift takes a fixed eps off the budget
     run(online, "b", settle, g)

@@ -52,7 +52,16 @@ def smooth_server(request, tmp_path_factory, server_env) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def nosmooth_server(request, tmp_path_factory, server_env) -> ServerProcess:
-    return _server(request, tmp_path_factory, "nosmooth", [*SMOOTHSMOE, "--no-smoothing"], server_env)
+    """--no-smoothing; also given a vLLM option that only vLLM's own launcher acts on
+    (--reasoning-parser-plugin: a file it imports at start-up), for test_server_startup."""
+    plugin_dir = tmp_path_factory.mktemp("reasoning-plugin")
+    marker = plugin_dir / "imported"
+    plugin = plugin_dir / "reasoning_plugin.py"
+    plugin.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('imported by the API server')\n")
+    server = _server(request, tmp_path_factory, "nosmooth",
+                     [*SMOOTHSMOE, "--no-smoothing", "--reasoning-parser-plugin", str(plugin)], server_env)
+    server.plugin_marker = marker
+    return server
 
 
 @pytest.fixture(scope="session")

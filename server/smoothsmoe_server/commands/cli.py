@@ -15,57 +15,78 @@ import os
 import sys
 from pathlib import Path
 
+from smoothsmoe_server.commands import engine_setup
 from smoothsmoe_server.options import WORKER_EXTENSION, SmoothingOptions
 
-MIDDLEWARE = ["smoothsmoe_server.api.app.MetricsRefresh", "smoothsmoe_server.api.app.OpenAIErrorBodies"]
-# Flag help, keyed by SmoothingOptions field; `model` is not a flag (it is
-# the served model name).
-FLAG_HELP = {
-    "enabled": "Smoothed routing on or off. Off serves stock top-k routing, still counted in /metrics.",
-    "eps": "Band width per layer, in router-score units: a number (all layers), a JSON file from "
-    "`smoothsmoe calibrate` (or the last line of a --smooth-eps-log file), 'auto': calibrated to "
-    "--smooth-budget at start-up, then fixed, or 'online': calibrated, then each layer's eps follows its "
-    "traffic to hold the budget.",
-    "budget": "Target mean extra experts per token for eps=auto and online (the paper's k + 0.5 is 0.5).",
-    "eps_window": "eps=online: tokens a layer routes between two updates of its eps (default 1024; each "
-    "update corrects half the error, so a shift settles in about 8 windows).",
-    "eps_range": "eps=online: each layer's eps stays within [eps0 / range, eps0 * range] of its calibrated eps0 "
-    "(default 16); smoothsmoe_epsilon_bound shows the bounds.",
-    "eps_log": "A file to append every layer's eps and counts to, once a second (JSON lines); its last line "
-    "is a valid --smooth-eps file, to pin a tuned state.",
-    "top_k": "Experts per token of every MoE layer, in place of the model's (0: the model's). With smoothing "
-    "on, the band keeps a smaller top-k continuous (S2MoE's cheaper inference); with --no-smoothing it serves "
-    "stock top-k at this k.",
-    "max_extra": "Cap on extra experts per token; MoE layers run at width top_k + max_extra.",
-    "experts": "Experts computation of smoothed layers: 'smoothsmoe' (this project's kernel: active pairs only; "
-    "Triton on CUDA, torch elsewhere), 'vllm' (vLLM's own kernel, which also computes the inactive slots, "
-    "at weight 0), or 'auto' (smoothsmoe on CUDA, vllm on the CPU).",
-}
+MIDDLEWARE = ["smoothsmoe_server.api.middleware.MetricsRefresh", "smoothsmoe_server.api.middleware.AbortedAsError",
+              "smoothsmoe_server.api.middleware.OpenAIErrorBodies"]
+KEYED_METRICS = "smoothsmoe_server.api.middleware.KeyedMetrics"
+# After SIGTERM, what vLLM's --shutdown-timeout gives in-flight requests to finish (vLLM's own
+# default, 0, aborts them). Shorter than the Kubernetes manifest's terminationGracePeriodSeconds.
+SHUTDOWN_TIMEOUT_S = 60
+# Once requests are drained (or aborted), how long uvicorn waits for connections that are still
+# open: a stream whose engine side is gone could otherwise keep the process alive forever.
+GRACEFUL_SHUTDOWN_S = 10
+METRICS_KEY_FLAG = "--metrics-require-api-key"
+METRICS_KEY_HELP = "`/metrics` and `/smoothsmoe/*` need the `--api-key` too"
 
 
-def add_smoothing_args(parser: argparse.ArgumentParser) -> None:
+def flag_name(name: str) -> str:
+    """The flag of a SmoothingOptions field (`enabled` is --smoothing / --no-smoothing)."""
+    return "--smoothing" if name == "enabled" else f"--smooth-{name.replace('_', '-')}"
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """How a flag's default reads in the help and the README: on/off, the field's `shown`, or `value`."""
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    return f.metadata.get("shown") or f"`{f.default}`"
+
+
+def flag_help(f: dataclasses.Field) -> str:
+    from smoothsmoe_kernels.eps_control import SETTLE_WINDOWS
+
+    return f.metadata["help"].format(settle_windows=SETTLE_WINDOWS)
+
+
+def smoothing_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(SmoothingOptions) if "help" in f.metadata]
+
+
+def flags_table() -> str:
+    """The README's table of the Smoothing flags (markdown), from the fields that define them."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in smoothing_fields():
+        name = "`--smoothing` / `--no-smoothing`" if f.name == "enabled" else f"`{flag_name(f.name)}`"
+        rows.append(f"| {name} | {shown_default(f)} | {flag_help(f)} |")
+    rows.append(f"| `{METRICS_KEY_FLAG}` | off | {METRICS_KEY_HELP} |")
+    return "\n".join(rows) + "\n"
+
+
+def add_smoothing_args(parser: argparse.ArgumentParser, serve: bool = False) -> None:
+    """The Smoothing group: one flag per SmoothingOptions field (and, for serve, the /metrics key flag)."""
     group = parser.add_argument_group("Smoothing", "SmoothSMoE routing (flags prefixed --smooth-)")
-    defaults = SmoothingOptions()
-    for f in dataclasses.fields(SmoothingOptions):
-        if f.name not in FLAG_HELP:
-            continue
-        if f.type == "bool" or isinstance(getattr(defaults, f.name), bool):
-            group.add_argument("--smoothing", dest=f"smooth_{f.name}", action=argparse.BooleanOptionalAction,
-                               default=getattr(defaults, f.name), help=FLAG_HELP[f.name])
+    for f in smoothing_fields():
+        text = f"{flag_help(f)} (default: {shown_default(f)})".replace("%", "%%")
+        if isinstance(f.default, bool):
+            group.add_argument(flag_name(f.name), dest=f"smooth_{f.name}", action=argparse.BooleanOptionalAction,
+                               default=f.default, help=text)
         else:
-            kind = type(getattr(defaults, f.name))
-            group.add_argument(f"--smooth-{f.name.replace('_', '-')}", dest=f"smooth_{f.name}", type=kind,
-                               default=getattr(defaults, f.name), help=FLAG_HELP[f.name])
+            group.add_argument(flag_name(f.name), dest=f"smooth_{f.name}", type=type(f.default), default=f.default,
+                               help=text)
+    if serve:
+        group.add_argument(METRICS_KEY_FLAG, action=argparse.BooleanOptionalAction, default=False,
+                           help=f"{METRICS_KEY_HELP} (default: off; /health always stays open)")
 
 
 def options_from_args(args: argparse.Namespace, model: str) -> SmoothingOptions:
-    values = {f.name: getattr(args, f"smooth_{f.name}") for f in dataclasses.fields(SmoothingOptions)
-              if f.name in FLAG_HELP}
+    values = {f.name: getattr(args, f"smooth_{f.name}") for f in smoothing_fields()}
     return SmoothingOptions(**values, model=model)
 
 
 def serve(argv: list[str]) -> int:
     import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -73,16 +94,10 @@ def serve(argv: list[str]) -> int:
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="smoothsmoe serve",
                                                     description="OpenAI-compatible server with smoothed MoE routing."))
-    add_smoothing_args(parser)
-    parser.add_argument("--metrics-require-api-key", action=argparse.BooleanOptionalAction, default=False,
-                        help="Guard /metrics and /smoothsmoe/* with the API key too (by default only /v1/* "
-                        "needs it, so that Prometheus scrapes without one). /health stays open.")
+    parser.set_defaults(shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    add_smoothing_args(parser, serve=True)
     args = parser.parse_args(argv)
-    model_given = args.model_tag is not None or args.model != parser.get_default("model")
-    if args.model_tag is not None:
-        args.model = args.model_tag
-    if not model_given:
-        use_default_model(args)
+    engine_setup.resolve_model(args, parser)
     served = (args.served_model_name or [args.model])[0]
     options = options_from_args(args, served)
     from smoothsmoe_server.engine.eps import EpsPlan
@@ -93,22 +108,38 @@ def serve(argv: list[str]) -> int:
     if args.api_server_count not in (None, 1):
         parser.error("smoothsmoe serves its routing metrics from one API server: use --api-server-count 1")
     if args.metrics_require_api_key:
-        from smoothsmoe_server.api.app import api_keys
+        from smoothsmoe_server.api.middleware import api_keys
 
         if not api_keys(args):
             parser.error("--metrics-require-api-key needs --api-key (or VLLM_API_KEY)")
     bind_cpu_workers(parser, args)
     args.worker_extension_cls = WORKER_EXTENSION
     # Listed innermost first: the error bodies wrap everything, the key check runs before a metrics refresh.
-    keyed = ["smoothsmoe_server.api.app.KeyedMetrics"] if args.metrics_require_api_key else []
+    keyed = [KEYED_METRICS] if args.metrics_require_api_key else []
     args.middleware = [*args.middleware, MIDDLEWARE[0], *keyed, *MIDDLEWARE[1:]]
     os.environ.update(options.to_env())
+    os.environ["VLLM_PLUGINS"] = allowed_plugins()
     validate_parsed_serve_args(args)
-
-    from smoothsmoe_server.api.app import run_server
-
-    uvloop.run(run_server(args, options))
+    args.api_server_count = None  # one API server, in this process: what `vllm serve` does then
+    uvloop.run(run_server(args, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     return 0
+
+
+def allowed_plugins() -> str:
+    """VLLM_PLUGINS for `smoothsmoe serve`: what was loaded before, plus our endpoint plugin.
+
+    vLLM loads an endpoint plugin only when VLLM_PLUGINS names it, and the variable is then an
+    allow-list for every plugin group: unset, it meant "every general plugin installed", so we
+    name those; set by the user, we add ours to their list.
+    """
+    from importlib.metadata import entry_points
+
+    from smoothsmoe_server.api.app import ENDPOINT_PLUGIN
+
+    given = os.environ.get("VLLM_PLUGINS")
+    names = [n for n in given.split(",") if n] if given is not None else \
+        [ep.name for ep in entry_points(group="vllm.general_plugins")]
+    return ",".join(dict.fromkeys([*names, ENDPOINT_PLUGIN]))
 
 
 def bind_cpu_workers(parser, args: argparse.Namespace) -> None:
@@ -128,19 +159,6 @@ def bind_cpu_workers(parser, args: argparse.Namespace) -> None:
         print(f"smoothsmoe: one NUMA node for several CPU workers: {ENV_VAR}={binding!r}", file=sys.stderr)
 
 
-def use_default_model(args: argparse.Namespace) -> None:
-    """Serve the embedded tiny Qwen3-MoE (built on first use), sized for a CPU."""
-    from smoothsmoe_server.models import default_model
-
-    args.model = str(default_model.ensure_default_model())
-    if not args.served_model_name:
-        args.served_model_name = [default_model.DEFAULT_MODEL_NAME]
-    if args.max_model_len is None:
-        args.max_model_len = 2048
-    # vLLM's CPU backend sizes its KV cache from this (GiB); the tiny model needs little.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
 def calibrate(argv: list[str]) -> int:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -155,17 +173,13 @@ def calibrate(argv: list[str]) -> int:
     add_smoothing_args(parser)
     args = parser.parse_args(argv)
     prompts = read_prompts(args.prompts)
+    engine_setup.resolve_model(args, parser)  # the default model, sized for a CPU, as serve does
     options = dataclasses.replace(options_from_args(args, args.model), enabled=True, eps="auto")
     os.environ.update(options.to_env())
 
     from vllm import LLM, SamplingParams
 
-    engine_args = EngineArgs.from_cli_args(args)
-    engine_args.worker_extension_cls = WORKER_EXTENSION
-    # LLM() takes EngineArgs fields as keywords: pass the ones the flags changed.
-    defaults = EngineArgs(model=engine_args.model)
-    llm = LLM(**{f.name: getattr(engine_args, f.name) for f in dataclasses.fields(EngineArgs)
-                 if getattr(engine_args, f.name) != getattr(defaults, f.name) or f.name == "model"})
+    llm = LLM(**engine_setup.changed_engine_args(args), worker_extension_cls=WORKER_EXTENSION)
     llm.collective_rpc("smoothsmoe_start_recording")
     llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=True)  # the progress bar
     layers = llm.collective_rpc("smoothsmoe_calibrate", args=(options.budget,))[0]

@@ -32,6 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from smoothsmoe_server.commands import engine_setup
+
 DEFAULT_BUDGETS = "0,0.25,0.5,1.0"
 DEFAULT_NOISE = "1e-3,1e-2"
 FULL_VOCAB_MAX = 4096  # vocabularies up to this size get exact distances; larger ones the top-N (a lower bound)
@@ -194,15 +196,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=Path("smoothsmoe-eval.png"), help="The PNG (needs matplotlib).")
     parser = EngineArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
-    if args.model_tag is not None:
-        args.model = args.model_tag
-    elif args.model == parser.get_default("model"):
-        from smoothsmoe_server.models import default_model
-
-        args.model = str(default_model.ensure_default_model())
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if args.max_model_len is None:
-            args.max_model_len = 2048
+    engine_setup.resolve_model(args, parser)  # the default model, sized for a CPU, as serve does
     args.budget_list = _floats(parser, "--budgets", args.budgets)
     args.noise_list = _floats(parser, "--noise", args.noise)
     args.top_k_list = [int(k) for k in args.top_k.split(",") if k.strip()] if args.top_k else []
@@ -237,18 +231,14 @@ def stability_prefixes(token_ids: list[int], samples: int, length: int) -> list[
 
 def evaluate(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
-    from vllm.engine.arg_utils import EngineArgs
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     ids = tokenizer(args.text.read_text(), add_special_tokens=False)["input_ids"][: args.max_text_tokens]
     if len(ids) < 2:
         raise SystemExit(f"{args.text}: fewer than 2 tokens")
     windows, samples = text_windows(ids, args.window), stability_prefixes(ids, args.samples, args.sample_len)
-    engine_args = EngineArgs.from_cli_args(args)
-    defaults = EngineArgs(model=engine_args.model)
-    engine_kwargs = {f.name: getattr(engine_args, f.name) for f in dataclasses.fields(EngineArgs)
-                     if f.name == "model" or getattr(engine_args, f.name) != getattr(defaults, f.name)}
-    engine_kwargs = json.loads(json.dumps(engine_kwargs, default=str))  # what the child can read back
+    # What the child can read back: the engine flags the user changed, as JSON.
+    engine_kwargs = json.loads(json.dumps(engine_setup.changed_engine_args(args), default=str))
     configs = []
     for top_k in [0, *args.top_k_list]:
         for enabled in (False, True):
