@@ -40,6 +40,21 @@ def on_device(*tensors):
     return tuple(t.to(DEV) for t in tensors)
 
 
+def assert_matches(y, ref):
+    """y against the reference: float32 sums in another order, so h's quantization flips rarely
+    (fp8_oracle.assert_close_but_rare_flips). On a GPU the float8 tensor cores keep about 14 bits
+    while they accumulate a K step (DeepSeek-V3 report, section 3.3.2; Triton's default
+    max_num_imprecise_acc on sm90, as vLLM's kernel runs them): h is then ~1e-4 off and flips in
+    about 1e-3 of its elements, a few per cent of rows. Every row stays within one step's worth,
+    and the whole within 1e-2 (the quantization itself costs ~4e-2; a wrong scale or block, 1e-1 and up)."""
+    y, ref = y.float().cpu(), ref.float().cpu()
+    if DEV == "cpu":
+        assert_close_but_rare_flips(y, ref, tol=1e-5)
+        return
+    assert_close_but_rare_flips(y, ref, tol=2e-3, max_rows=y.shape[0])
+    assert float((y - ref).norm() / ref.norm()) < 1e-2
+
+
 @pytest.mark.parametrize("T,E,K,M,H,I,block_shape,cfg", CASES,
                          ids=lambda v: f"m{v.block_m}n{v.block_n}k{v.block_k}{'s' * v.swap_ab}"
                          if isinstance(v, ExpertsTileConfig) else None)
@@ -53,7 +68,7 @@ def test_matches_reference(T, E, K, M, H, I, block_shape, cfg):
     ref = moe_experts(x, q13, q2, ids, weights, backend="torch", **kw)
     # The same quantized x on both sides (bit for bit, test below); float32 block sums in
     # another order, so h agrees to ~1e-7 and its quantization flips rarely.
-    assert_close_but_rare_flips(y.cpu(), ref.cpu(), tol=1e-5)
+    assert_matches(y, ref)
     counts = torch.bincount(r.ids[r.ids >= 0].long(), minlength=E)
     assert int(tiles) == int(((counts + cfg.block_m - 1) // cfg.block_m).sum())
 
@@ -93,7 +108,7 @@ def test_inactive_slots_and_unused_experts_are_never_read():
     kw = dict(w13_scale=s13, w2_scale=s2, block_shape=block_shape)
     y = moe_experts_triton(x, q13, q2, ids, weights, config=ExpertsTileConfig(16, 32, 32), **kw)
     assert torch.isfinite(y).all()
-    assert_close_but_rare_flips(y.cpu(), moe_experts(x, q13, q2, ids, weights, backend="torch", **kw).cpu(), 1e-5)
+    assert_matches(y, moe_experts(x, q13, q2, ids, weights, backend="torch", **kw))
 
 
 def test_fp8_arguments_are_checked():
@@ -117,6 +132,7 @@ def test_bf16_on_gpu_default_config(T):
     kw = dict(w13_scale=s13, w2_scale=s2, block_shape=block_shape)
     y = moe_experts_triton(x, q13, q2, r.ids.to(DEV), r.weights.to(DEV), **kw)
     ref = moe_experts(x, q13, q2, r.ids.to(DEV), r.weights.to(DEV), backend="torch", **kw)
-    # h and each pair's output rounded to bf16 on both sides, in another order: bf16 ulps;
-    # tl.exp is not torch's exp on the GPU, so h's quantization flips a little more often.
-    assert_close_but_rare_flips(y.float().cpu(), ref.float().cpu(), tol=2e-2, max_rows=max(1, T // 50))
+    # h and each pair's output rounded to bf16 on both sides (2^-9), besides assert_matches' reasons.
+    y, ref = y.float().cpu(), ref.float().cpu()
+    assert_close_but_rare_flips(y, ref, tol=1e-2, max_rows=T)
+    assert float((y - ref).norm() / ref.norm()) < 2e-2

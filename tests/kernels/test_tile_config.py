@@ -15,6 +15,7 @@ from smoothsmoe_kernels.tile_config import (
     save_tile_table, table_name, tile_config,
 )
 from smoothsmoe_kernels.tune import tune_experts
+from tests.kernels.fp8_oracle import assert_close_but_rare_flips
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # On a GPU the candidates run in bf16, the dtype they are tuned for; in the interpreter, float32.
@@ -64,9 +65,12 @@ def test_every_fp8_candidate_matches_the_reference(cfg):
     y = moe_experts_triton(*args, config=cfg, **kw)
     ref = moe_experts(*args, backend="torch", **kw)
     # The quantized x is the same bit for bit; h's quantization may flip one step where the
-    # float32 sums differ in order (tests/kernels/fp8_oracle.py): a norm-wise check suffices here.
-    err = float((y.float() - ref.float()).norm() / ref.float().norm())
-    assert err < (1e-5 if DTYPE == torch.float32 else 2e-2)
+    # float32 sums differ in order (fp8_oracle.assert_close_but_rare_flips). On a GPU, bf16 and
+    # the float8 tensor cores' accumulation (test_experts_fp8_triton.assert_matches): norm-wise.
+    if DTYPE == torch.float32:
+        assert_close_but_rare_flips(y, ref, tol=1e-5)
+    else:
+        assert float((y.float() - ref.float()).norm() / ref.float().norm()) < 2e-2
 
 
 def test_fp8_defaults_follow_vllms_block_rules():
