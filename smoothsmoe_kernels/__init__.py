@@ -99,13 +99,20 @@ def moe_experts(
     *,
     backend: str = "auto",
     weights_on_input: bool = False,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The experts' weighted sum over active (token, expert) pairs only.
 
     x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I];
     ids [T, W] int (-1 = inactive); weights [T, W] float32. Returns [T, H] in
     x's dtype. weights_on_input: each weight scales its expert's input, not
-    its output (Llama 4). See experts.moe_experts_torch for the exact contract.
+    its output (Llama 4). FP8 block-quantized experts: float8_e4m3fn w13, w2
+    with w13_scale float32 [E, ceil(2I/bn), ceil(H/bk)], w2_scale float32
+    [E, ceil(H/bn), ceil(I/bk)] and block_shape (bn, bk), as vLLM's
+    fused_experts takes them (fp8_blocks). See experts.moe_experts_torch for
+    the exact contract; ValueError on shapes or dtypes that do not agree.
     """
     T, H = x.shape
     E, two_I, H_w = w13.shape
@@ -114,8 +121,9 @@ def moe_experts(
             f"shapes do not agree: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}, "
             f"ids {tuple(ids.shape)}, weights {tuple(weights.shape)}"
         )
+    quant = dict(w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block_shape)
     if resolve_backend(backend, x.device) == "triton":
         from smoothsmoe_kernels.experts_triton import moe_experts_triton
 
-        return moe_experts_triton(x, w13, w2, ids, weights, weights_on_input=weights_on_input)
-    return moe_experts_torch(x, w13, w2, ids, weights, weights_on_input)
+        return moe_experts_triton(x, w13, w2, ids, weights, weights_on_input=weights_on_input, **quant)
+    return moe_experts_torch(x, w13, w2, ids, weights, weights_on_input, **quant)

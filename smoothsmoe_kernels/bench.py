@@ -19,7 +19,9 @@ is what to read.
            the server ran it before the kernel recorded), the tile schedule,
            our experts at the stock and the smoothed ids.
   tune     on a GPU: times the tile-config candidates per token bucket and writes
-           the tuned tables the kernel loads (smoothsmoe_kernels/tuned/).
+           the tuned tables the kernel loads (smoothsmoe_kernels/tuned/); with
+           --fp8, the FP8 block-quantized kernel's (128 x 128 blocks) on the
+           per-GPU shapes of FP8 deployments (FP8_MODEL_SHAPES).
 """
 
 from __future__ import annotations
@@ -80,6 +82,13 @@ MODEL_SHAPES = {
     "OLMoE-1B-7B": (64, 8, 2048, 1024),
     "DeepSeek-V2-Lite": (64, 6, 2048, 1408),
 }
+# FP8 checkpoints as deployed, per GPU: (E, K, H, I) with the intermediate size split by tensor parallelism
+FP8_MODEL_SHAPES = {
+    "Qwen3-30B-A3B-FP8": (128, 8, 2048, 768),
+    "Qwen3-235B-A22B-FP8/tp4": (128, 8, 4096, 384),
+    "DeepSeek-V3/tp8": (256, 8, 7168, 256),
+}
+FP8_BLOCK = (128, 128)
 EXPERT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 TUNE_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
@@ -241,8 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="routing scores dtype (default float32) / experts dtype (default bfloat16)")
     parser.add_argument("--max-extra", type=int, default=2)
-    parser.add_argument("--models", default=",".join(MODEL_SHAPES),
-                        help="tune: model shapes to tune (names from MODEL_SHAPES, or E:K:H:I)")
+    parser.add_argument("--models", default=None,
+                        help="tune: model shapes to tune (names from MODEL_SHAPES or, with --fp8, FP8_MODEL_SHAPES; "
+                        "or E:K:H:I); default all of them")
+    parser.add_argument("--fp8", action="store_true", help="tune: FP8 block-quantized experts, 128 x 128 blocks")
     parser.add_argument("--tokens", default=",".join(map(str, TUNE_TOKENS)), help="tune: token buckets")
     parser.add_argument("--out", default=None, help="tune: directory of the tables (default: the package's tuned/)")
     args = parser.parse_args(argv)
@@ -256,10 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from smoothsmoe_kernels.tune import tune_experts
 
-        for spec in args.models.split(","):
-            E, K, H, I = MODEL_SHAPES[spec] if spec in MODEL_SHAPES else map(int, spec.split(":"))
+        shapes = FP8_MODEL_SHAPES if args.fp8 else MODEL_SHAPES
+        for spec in (args.models or ",".join(shapes)).split(","):
+            E, K, H, I = shapes[spec] if spec in shapes else map(int, spec.split(":"))
             path = tune_experts(E, K, H, I, getattr(torch, args.dtype or "bfloat16"), device,
-                                [int(t) for t in args.tokens.split(",")], args.max_extra, args.out)
+                                [int(t) for t in args.tokens.split(",")], args.max_extra, args.out,
+                                block_shape=FP8_BLOCK if args.fp8 else None)
             print(f"# wrote {path}")
 
 

@@ -7,11 +7,14 @@ tile_config.CANDIDATES (and vLLM's default for that T) on the whole
 moe_experts_triton call, as CUDA-graph replays up to GRAPH_MAX_T tokens (how
 vLLM runs decode) and eagerly above, and keeps the fastest. Every candidate's output is
 checked against vLLM's default config's first: a config that computes
-something else is an error, not a speed-up.
+something else is an error, not a speed-up. With block_shape it tunes the FP8
+block-quantized kernel (the weights quantized per block, tile_config.FP8_CANDIDATES
+against vLLM's block-wise FP8 defaults) and writes an FP8 table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -19,13 +22,17 @@ import torch
 from smoothsmoe_kernels.calibration import calibrate_eps
 from smoothsmoe_kernels.config import RoutingConfig
 from smoothsmoe_kernels.experts_triton import moe_experts_triton
+from smoothsmoe_kernels.fp8_blocks import quantize_weight_blocks
 from smoothsmoe_kernels.routing import route
 from smoothsmoe_kernels.tile_config import (
     CANDIDATES,
+    FP8_CANDIDATES,
     TUNED_DIR,
     ExpertsTileConfig,
+    default_fp8_tile_config,
     default_tile_config,
     device_key,
+    is_sm90,
     save_tile_table,
 )
 from smoothsmoe_kernels.timing import GRAPH_MAX_T, device_name, graph_time_us, time_us
@@ -34,36 +41,46 @@ from smoothsmoe_kernels.timing import GRAPH_MAX_T, device_name, graph_time_us, t
 def tune_experts(
     E: int, K: int, H: int, I: int, dtype: torch.dtype, device: torch.device, tokens: list[int],
     max_extra: int = 2, out_dir: str | Path | None = None,
-    candidates: tuple[ExpertsTileConfig, ...] = CANDIDATES, min_time: float = 0.1,
+    candidates: tuple[ExpertsTileConfig, ...] | None = None, min_time: float = 0.1,
+    block_shape: tuple[int, int] | None = None,
 ) -> Path:
-    """Tune one layer shape on `device`; write and return its table's path."""
+    """Tune one layer shape on `device` (FP8 block-quantized with block_shape); write and return its table's path."""
     g = torch.Generator().manual_seed(0)
     config = RoutingConfig(top_k=K, max_extra=max_extra)
     eps = calibrate_eps(torch.randn(4096, E, generator=g), config).eps
     w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(device, dtype)
     w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(device, dtype)
+    quant = {}
+    if block_shape is not None:
+        (w13, s13), (w2, s2) = quantize_weight_blocks(w13, block_shape), quantize_weight_blocks(w2, block_shape)
+        quant = dict(w13_scale=s13, w2_scale=s2, block_shape=block_shape)
+        candidates = tuple(dataclasses.replace(c, block_k=block_shape[1]) for c in candidates or FP8_CANDIDATES)
     table: dict[int, ExpertsTileConfig] = {}
-    print(f"# tune E={E} K={K} H={H} I={I} {dtype} on {device_name(device)}")
+    print(f"# tune E={E} K={K} H={H} I={I} {dtype}{f' fp8 blocks {block_shape}' if quant else ''}"
+          f" on {device_name(device)}")
     for T in tokens:
         routed = route(torch.randn(T, E, generator=g), config, eps)
         ids, weights = routed.ids.to(device), routed.weights.to(device)
         x = torch.randn(T, H, generator=g).to(device, dtype)
-        default = default_tile_config(T, E)
-        expected = moe_experts_triton(x, w13, w2, ids, weights, config=default).float()
+        default = (default_fp8_tile_config(T, E, block_shape, is_sm90(device)) if quant
+                   else default_tile_config(T, E))
+        expected = moe_experts_triton(x, w13, w2, ids, weights, config=default, **quant).float()
         timed: dict[ExpertsTileConfig, float] = {}
-        for cfg in dict.fromkeys((default, *candidates)):  # the default first, no repeats
-            y = moe_experts_triton(x, w13, w2, ids, weights, config=cfg).float()
-            # Same products, another summation order (block_k) and one rounding of h: bf16-sized differences.
+        for cfg in dict.fromkeys((default, *(candidates or CANDIDATES))):  # the default first, no repeats
+            y = moe_experts_triton(x, w13, w2, ids, weights, config=cfg, **quant).float()
+            # Same products, another summation order (block_k) and one rounding of h: bf16-sized
+            # differences (FP8: and h's quantization flipping one step in a few elements).
             err = ((y - expected).norm() / expected.norm().clamp(min=1e-30)).item()
             if not err < 2e-2:
                 raise RuntimeError(f"tile config {cfg} disagrees with vLLM's default at T={T}: "
                                    f"relative error {err:.1e}")
-            timed[cfg] = _call_us(lambda c=cfg: moe_experts_triton(x, w13, w2, ids, weights, config=c), T, device,
-                                  min_time)
+            timed[cfg] = _call_us(lambda c=cfg: moe_experts_triton(x, w13, w2, ids, weights, config=c, **quant),
+                                  T, device, min_time)
         best = min(timed, key=timed.get)
         table[T] = best
         print(f"T={T:6d} default {timed[default]:9.1f} us  best {timed[best]:9.1f} us  {best}", flush=True)
-    return save_tile_table(table, device_key(device), E, H, I, dtype, Path(out_dir) if out_dir else TUNED_DIR)
+    return save_tile_table(table, device_key(device), E, H, I, dtype, Path(out_dir) if out_dir else TUNED_DIR,
+                           block_shape)
 
 
 def _call_us(fn, T: int, device: torch.device, min_time: float) -> float:

@@ -51,6 +51,16 @@ def test_weights_on_the_input_match_reference(T, E, K, M):
     torch.testing.assert_close(y, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("T,E,K,M", SHAPES[2:4])
+def test_swapped_operands_match_reference(T, E, K, M):
+    # swap_ab: both GEMMs computed as weights x activations (the FP8 decode layout on Hopper).
+    x, w13, w2 = layer(T, E, seed=T + E)
+    r = smooth_topk(torch.randn(T, E, generator=torch.Generator().manual_seed(T)).to(DEV), K, 0.5, M, backend="torch")
+    cfg = ExpertsTileConfig(block_m=16, block_n=64, block_k=32, swap_ab=True)
+    y = moe_experts_triton(x, w13, w2, r.ids, r.weights, config=cfg)
+    torch.testing.assert_close(y, moe_experts(x, w13, w2, r.ids, r.weights, backend="torch"), atol=2e-5, rtol=2e-5)
+
+
 def test_inactive_slots_and_unused_experts_are_never_read():
     # Experts that no active slot names hold NaN: any tile on them, even at
     # weight 0, would put NaN in the output.

@@ -11,6 +11,7 @@ import torch
 
 from smoothsmoe_kernels import RoutingConfig, StatsLayout
 from smoothsmoe_kernels.experts_triton import moe_experts_triton
+from smoothsmoe_kernels.fp8_blocks import quantize_weight_blocks
 from smoothsmoe_kernels.pairs import group_pairs_by_expert, tile_schedule
 from smoothsmoe_kernels.routing_triton import smooth_topk_triton
 from smoothsmoe_kernels.tile_config import ExpertsTileConfig
@@ -22,9 +23,9 @@ CONFIG = RoutingConfig(top_k=2, max_extra=2)
 TILES = ExpertsTileConfig(block_m=16, block_n=32, block_k=32)
 
 
-def smoothed_layer(scores, x, w13, w2, eps, stats, valid):
+def smoothed_layer(scores, x, w13, w2, eps, stats, valid, **quant):
     result, _ = smooth_topk_triton(scores, CONFIG, eps, stats=stats, valid=valid)
-    return moe_experts_triton(x, w13, w2, result.ids, result.weights, config=TILES)
+    return moe_experts_triton(x, w13, w2, result.ids, result.weights, config=TILES, **quant)
 
 
 def inputs(seed):
@@ -32,17 +33,22 @@ def inputs(seed):
     return torch.randn(T, E, generator=g).to(DEV), torch.randn(T, H, generator=g).to(DEV)
 
 
-def test_smoothed_layer_kernels_are_capturable():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_smoothed_layer_kernels_are_capturable(fp8):
     g = torch.Generator().manual_seed(0)
     w13, w2 = torch.randn(E, 2 * I, H, generator=g).to(DEV), torch.randn(E, H, I, generator=g).to(DEV)
+    quant = {}
+    if fp8:  # FP8 blocks of 32 x 32 (TILES.block_k): x quantized by its own launch, h as the down kernel loads it
+        (w13, s13), (w2, s2) = quantize_weight_blocks(w13, (32, 32)), quantize_weight_blocks(w2, (32, 32))
+        quant = dict(w13_scale=s13, w2_scale=s2, block_shape=(32, 32))
     eps = torch.tensor(0.5, device=DEV)
     stats = StatsLayout(2, 2, E).new_buffer(DEV)
     valid = torch.arange(T, device=DEV) % 5 != 4
-    smoothed_layer(*inputs(0), w13, w2, eps, stats, valid)  # first call: per-device constants made here
+    smoothed_layer(*inputs(0), w13, w2, eps, stats, valid, **quant)  # first call: per-device constants made here
     runs = []
     for seed in (1, 2):  # other routings, other pair counts per expert
         scores, x = inputs(seed)
-        _, ops, forbidden = record(smoothed_layer, scores, x, w13, w2, eps, stats, valid)
+        _, ops, forbidden = record(lambda *a: smoothed_layer(*a, **quant), scores, x, w13, w2, eps, stats, valid)
         assert forbidden == []
         runs.append(ops)
     assert runs[0] == runs[1], "the same ops and shapes whatever the data: nothing sized by data"
@@ -68,13 +74,18 @@ def test_the_torch_tile_schedule_is_capturable_too():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("n_tokens", [1, 64, 333])
-def test_whole_smoothed_layer_replays_in_a_cuda_graph(n_tokens):
+def test_whole_smoothed_layer_replays_in_a_cuda_graph(n_tokens, fp8):
     dev, dtype, (E_, K, H_, I_) = "cuda", torch.bfloat16, (64, 6, 256, 128)
     config = RoutingConfig(top_k=K, max_extra=2)
     g = torch.Generator().manual_seed(0)
     w13 = (torch.randn(E_, 2 * I_, H_, generator=g) / H_**0.5).to(dev, dtype)
     w2 = (torch.randn(E_, H_, I_, generator=g) / I_**0.5).to(dev, dtype)
+    quant = {}
+    if fp8:  # 128 x 128 blocks, vLLM's block-wise FP8 default tiles (tile_config)
+        (w13, s13), (w2, s2) = quantize_weight_blocks(w13), quantize_weight_blocks(w2)
+        quant = dict(w13_scale=s13, w2_scale=s2, block_shape=(128, 128))
     eps = torch.tensor(0.3, device=dev)
     stats = StatsLayout(K, 2, E_).new_buffer(dev)
     scores = torch.randn(n_tokens, E_, device=dev)  # the graph's static inputs
@@ -82,7 +93,7 @@ def test_whole_smoothed_layer_replays_in_a_cuda_graph(n_tokens):
 
     def layer():
         r, _ = smooth_topk_triton(scores, config, eps, stats=stats)
-        return moe_experts_triton(x, w13, w2, r.ids, r.weights)
+        return moe_experts_triton(x, w13, w2, r.ids, r.weights, **quant)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
