@@ -28,7 +28,7 @@ from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-from smoothsmoe_server.api import responses_input
+from smoothsmoe_server.api import corrections, responses_input
 from smoothsmoe_server.api.metrics import RoutingMetrics
 from smoothsmoe_server.engine.eps import EpsPlan, eps_log_line
 from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
@@ -48,6 +48,7 @@ async def run_server(args, options: SmoothingOptions) -> None:
 
     signal.signal(signal.SIGTERM, interrupt_start_up)
     responses_input.install()
+    corrections.install()
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine:
         await prepare_routing(engine, options)
