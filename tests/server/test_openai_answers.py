@@ -343,3 +343,40 @@ def test_a_4xx_names_what_the_client_sent(http, name, path, body, param, mention
         assert error["param"] == param, error
     assert mentions in error["message"] and not_named not in error["message"], error
     still_serving(http)
+
+
+@pytest.mark.parametrize("status,last_event,item_status", [("completed", "response.completed", "completed"),
+                                                           ("incomplete", "response.incomplete", "incomplete")])
+def test_a_responses_stream_ends_as_its_response(status, last_event, item_status):
+    """The installed stream writer on vLLM's own event objects (no server: the model rarely stops by
+    itself, so a response that completes is built here): a completed one passes unchanged."""
+    import asyncio
+
+    from openai.types.responses import ResponseOutputMessage, ResponseOutputText
+    from smoothsmoe_server.api import response_status
+    from vllm import SamplingParams
+    from vllm.entrypoints.openai.responses import api_router
+    from vllm.entrypoints.openai.responses.protocol import (ResponseCompletedEvent, ResponseOutputItemDoneEvent,
+                                                            ResponsesRequest, ResponsesResponse)
+
+    response_status.install()
+    item = ResponseOutputMessage(id="msg_1", role="assistant", status="completed", type="message",
+                                 content=[ResponseOutputText(text="x", type="output_text", annotations=[])])
+    response = ResponsesResponse.from_request(ResponsesRequest(input="hi"), SamplingParams(max_tokens=3),
+                                              model_name=MODEL, created_time=0, output=[item.model_copy()],
+                                              status=status)
+    response_status.mark_cut_item(response)  # what the wrapped responses_full_generator does
+
+    async def events():
+        yield ResponseOutputItemDoneEvent(type="response.output_item.done", item=item, output_index=0,
+                                          sequence_number=0)
+        yield ResponseCompletedEvent(type="response.completed", response=response, sequence_number=1)
+
+    async def written():
+        return [part async for part in api_router._convert_stream_to_sse_events(events())]
+
+    sent = [dict(line.split(": ", 1) for line in part.strip().split("\n")) for part in asyncio.run(written())]
+    assert [s["event"] for s in sent] == ["response.output_item.done", last_event]
+    done, final = (json.loads(s["data"]) for s in sent)
+    assert done["item"]["status"] == final["response"]["output"][-1]["status"] == item_status
+    assert final["response"]["status"] == status and final["sequence_number"] == 1
