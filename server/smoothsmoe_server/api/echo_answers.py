@@ -64,6 +64,7 @@ class Echo:
 
 
 def drop_sampled_token(output: CompletionOutput) -> None:
+    """Empty an echo-only output: the token its engine sampled is neither text, token id nor usage."""
     output.token_ids = []
     output.text = ""
     output.logprobs = [] if output.logprobs is not None else None

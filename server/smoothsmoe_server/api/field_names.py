@@ -36,6 +36,7 @@ def install() -> None:
 
 
 def at_least_one(field: str, value: int | None) -> None:
+    """Raises VLLMValidationError (a 400 naming `field`) for a given `value` below 1 (a token count)."""
     if value is not None and value < 1:
         raise VLLMValidationError(f"{field} must be at least 1, got {value}", parameter=field, value=value)
 
@@ -59,11 +60,14 @@ def within_logprobs_limit(serving, field: str, value: int | None) -> None:
 
 
 def check_completion(serving, request) -> None:
+    """POST /v1/completions: logprobs and prompt_logprobs within --max-logprobs, by their own names."""
     within_logprobs_limit(serving, "logprobs", request.logprobs)
     within_logprobs_limit(serving, "prompt_logprobs", request.prompt_logprobs)
 
 
 def check_chat(serving, request) -> None:
+    """POST /v1/chat/completions and /batch: max_completion_tokens >= 1; top_logprobs and prompt_logprobs
+    within --max-logprobs."""
     at_least_one("max_completion_tokens", request.max_completion_tokens)
     if request.logprobs:  # top_logprobs counts only with logprobs on (vLLM's own validator says so)
         within_logprobs_limit(serving, "top_logprobs", request.top_logprobs)
@@ -71,11 +75,14 @@ def check_chat(serving, request) -> None:
 
 
 def check_responses(serving, request) -> None:
+    """POST /v1/responses: max_output_tokens >= 1; top_logprobs within --max-logprobs (asked with or without
+    the include that returns them: either way it is a value the server would not honour)."""
     at_least_one("max_output_tokens", request.max_output_tokens)
     within_logprobs_limit(serving, "top_logprobs", request.top_logprobs)
 
 
 def check_messages(serving, request) -> None:
+    """POST /v1/messages: max_tokens (tokens) at most the context (--max-model-len), by Anthropic's name."""
     max_model_len = serving.model_config.max_model_len
     if request.max_tokens > max_model_len:
         raise VLLMValidationError(f"max_tokens={request.max_tokens} is more than this model's context of "

@@ -48,7 +48,8 @@ def install() -> None:
 
 
 def check_detokenize(serving, request) -> None:
-    """Every id in `tokens` must have text: 0 <= id <= the tokenizer's largest id."""
+    """POST /detokenize: every id in `tokens` must have text, 0 <= id <= the tokenizer's largest id
+    (pydantic already refuses negative ones). Raises VLLMValidationError (a 400) naming the first other."""
     tokenizer = serving.renderer.tokenizer
     if tokenizer is None:  # --skip-tokenizer-init: vLLM answers that itself
         return
@@ -61,6 +62,7 @@ def check_detokenize(serving, request) -> None:
 
 
 def check_completion(serving, request) -> None:
+    """POST /v1/completions. Raises VLLMValidationError (a 400) for best_of other than n."""
     check_best_of(request)
 
 
@@ -78,6 +80,8 @@ def check_best_of(request) -> None:
 
 
 def check_chat(serving, request) -> None:
+    """POST /v1/chat/completions and /batch. Raises VLLMValidationError (a 400) naming the first field of
+    CHAT_UNSERVED given, modalities other than ["text"], or best_of other than n."""
     check_best_of(request)
     extra = request.model_extra or {}
     for field, why in CHAT_UNSERVED.items():
@@ -90,6 +94,8 @@ def check_chat(serving, request) -> None:
 
 
 def check_responses(serving, request) -> None:
+    """POST /v1/responses. Raises VLLMValidationError (a 400) for conversation, and for a tool other than a
+    function (or a namespace of them) when the server runs no tool server."""
     if (request.model_extra or {}).get("conversation") is not None:
         raise VLLMValidationError("conversation is not supported: this server stores no conversations; send the "
                                   "earlier turns in `input` or use previous_response_id", parameter="conversation")
