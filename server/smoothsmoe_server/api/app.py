@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import State
 from vllm import SamplingParams
 
-from smoothsmoe_server.api import responses_input, shutdown
+from smoothsmoe_server.api import corrections, responses_input, shutdown
 from smoothsmoe_server.engine.eps import EpsPlan, eps_log_line
 from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.options import SmoothingOptions
@@ -41,8 +41,9 @@ class SmoothsmoeEndpoints:
     required_tasks = ("generate",)  # MoE language models; a pooling-only server gets no routing routes
 
     def attach_router(self, app: FastAPI) -> None:
-        """Called by vLLM's build_app after its own routers: add ours, and the /v1/responses input check."""
+        """Called by vLLM's build_app after its own routers: add ours, and our corrections of vLLM's answers."""
         responses_input.install()
+        corrections.install()  # the OpenAI answers vLLM 0.32 gets wrong (api/corrections.py)
         app.include_router(routes)
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
