@@ -81,12 +81,18 @@ class Window:
 def run_soak(url: str, model: str, tokenizer: str, profile: Profile, *, rate: float, duration_s: float,
              window_s: float, api_key: str | None = None, server_pid: int | None = None,
              on_window=None) -> list[Window]:
+    """round(duration_s / window_s) windows (at least one), each of rate * window_s requests sent at `rate`.
+
+    The count of windows is fixed up front: each window also pays vLLM's load generator its own
+    start (a test request, the tokenizer), so a loop on elapsed time would give fewer windows than
+    asked, the more so the shorter they are.
+    """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     per_window = max(1, round(rate * window_s))
     windows: list[Window] = []
     start = time.monotonic()
     before = scrape(url, headers)
-    while not windows or time.monotonic() - start + window_s <= duration_s:
+    for _ in range(max(1, round(duration_s / window_s))):
         bench = run_level(bench_args(url, model, tokenizer, profile, per_window, concurrency=None, rate=rate,
                                      dataset=None, api_key=api_key, slo_ttft_ms=2000.0, slo_tpot_ms=200.0,
                                      seed=len(windows)))

@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="tune: directory of the tables (default: the package's tuned/)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.what in ("stages", "tune") and device.type != "cuda":
+        # Both time compiled Triton kernels (and CUDA graphs); Triton's interpreter would only time itself.
+        parser.exit(2, f"bench {args.what}: needs a CUDA GPU (torch sees none here); run it on the GPU machine\n")
     if args.what == "routing":
         bench_routing(device, getattr(torch, args.dtype or "float32"), args.max_extra)
     elif args.what == "experts":
