@@ -118,8 +118,11 @@ def test_weight_blocks_round_trip(block_shape):
     assert ((back - w).abs() <= w.abs() / 16 + step_floor).all()
 
 
-def test_inactive_slots_and_unused_experts_are_never_read():
-    T, E, H, I, block_shape = 30, 10, 64, 32, (32, 32)
+def poisoned_fp8_layer(T: int, block_shape=(32, 32)):
+    """An FP8 layer of 10 experts whose tokens use experts 0, 1, 2 and 7 only, every other expert's
+    weights and scales NaN: (x, q13, s13, q2, s2, ids, weights). A kernel that reads an inactive
+    slot or an unused expert returns NaN."""
+    E, H, I = 10, 64, 32
     x, q13, s13, q2, s2 = fp8_layer(T, E, H, I, block_shape)
     ids = torch.full((T, 4), -1, dtype=torch.int32)
     ids[:, 0] = torch.arange(T) % 3
@@ -130,6 +133,12 @@ def test_inactive_slots_and_unused_experts_are_never_read():
     s13[unused] = float("nan")
     q2.view(torch.uint8)[unused] = 0x7F
     s2[unused] = float("nan")
+    return x, q13, s13, q2, s2, ids, weights
+
+
+def test_inactive_slots_and_unused_experts_are_never_read():
+    block_shape = (32, 32)
+    x, q13, s13, q2, s2, ids, weights = poisoned_fp8_layer(30, block_shape)
     y = moe_experts(x, q13, q2, ids, weights, w13_scale=s13, w2_scale=s2, block_shape=block_shape)
     assert torch.isfinite(y).all()
 

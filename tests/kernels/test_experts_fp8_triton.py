@@ -16,7 +16,7 @@ from smoothsmoe_kernels.fp8_blocks import quantize_groups
 from smoothsmoe_kernels.fp8_blocks_triton import quantize_groups_triton
 from smoothsmoe_kernels.tile_config import ExpertsTileConfig
 from tests.kernels.fp8_oracle import assert_close_but_rare_flips
-from tests.kernels.test_experts_fp8 import fp8_layer, route
+from tests.kernels.test_experts_fp8 import fp8_layer, poisoned_fp8_layer, route
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -93,18 +93,8 @@ def test_quantizer_matches_reference_bit_for_bit(group):
 
 
 def test_inactive_slots_and_unused_experts_are_never_read():
-    T, E, H, I, block_shape = 24, 10, 64, 32, (32, 32)
-    x, q13, s13, q2, s2 = fp8_layer(T, E, H, I, block_shape)
-    ids = torch.full((T, 4), -1, dtype=torch.int32)
-    ids[:, 0] = torch.arange(T) % 3
-    ids[::3, 1] = 7
-    weights = torch.where(ids >= 0, 0.5, 0.0)
-    unused = [e for e in range(E) if e not in (0, 1, 2, 7)]
-    q13.view(torch.uint8)[unused] = 0x7F  # float8 e4m3 NaN
-    s13[unused] = float("nan")
-    q2.view(torch.uint8)[unused] = 0x7F
-    s2[unused] = float("nan")
-    x, q13, s13, q2, s2, ids, weights = on_device(x, q13, s13, q2, s2, ids, weights)
+    block_shape = (32, 32)
+    x, q13, s13, q2, s2, ids, weights = on_device(*poisoned_fp8_layer(24, block_shape))
     kw = dict(w13_scale=s13, w2_scale=s2, block_shape=block_shape)
     y = moe_experts_triton(x, q13, q2, ids, weights, config=ExpertsTileConfig(16, 32, 32), **kw)
     assert torch.isfinite(y).all()
