@@ -115,9 +115,10 @@ async def probe(request: Request, layer: int = 0, seed: int = Query(0, ge=0, lt=
     boundary, smoothed and stock, for steps of eps/10 and eps/100.
 
     404 for a layer the model does not have, 400 for one that is not smoothed or
-    cannot be probed (both name the field "layer"), 422 for a seed outside
-    [0, 2^63) (FastAPI's check; larger ones would fail the RPC's encoding); 503
-    with a dead engine, 500 for any other failure, whose reason is logged.
+    cannot be probed (both name the field "layer"), 400 naming "seed" for a seed
+    outside [0, 2^63) (FastAPI's check, answered by vLLM's handler; a larger one
+    would fail the RPC's encoding); 503 with a dead engine, 500 for any other
+    failure, whose reason is logged.
     """
     engine = request.app.state.engine_client
     try:
