@@ -116,9 +116,12 @@ def test_what_each_argument_does_to_the_plan(vllm_config):
     plan = plan_layer(args(routed_input_transform=torch.nn.Identity(), routed_output_transform=torch.nn.Identity()),
                       DEFAULTS, options, "cpu")
     assert plan.smoothed and plan.experts == "smoothsmoe"
-    # A model-supplied runner or experts class may route by itself: stock, counted by the family.
+    # A model-supplied runner runs the forward and may route by itself: stock, counted by the family.
+    plan = plan_layer(args(runner_cls=object), DEFAULTS, options, "cpu")
+    assert not plan.smoothed and "runner_cls" in plan.reason and plan.config.max_extra == 0
+    # A model-supplied experts class (gpt-oss's loads its own weights): smoothed, with vLLM's experts.
     plan = plan_layer(args(routed_experts_cls=object), DEFAULTS, options, "cpu")
-    assert not plan.smoothed and "routed_experts_cls" in plan.reason and plan.config.max_extra == 0
+    assert plan.smoothed and plan.experts == "vllm" and "experts class" in plan.experts_reason
     # Smoothing off: every layer stock, with that reason; a layer that could not be smoothed keeps its own.
     off = SmoothingOptions(enabled=False)
     assert plan_layer(args(), DEFAULTS, off, "cpu").reason == SMOOTHING_OFF

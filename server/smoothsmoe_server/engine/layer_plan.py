@@ -36,15 +36,18 @@ ROUTING_ARGUMENTS = ("num_experts", "top_k", "renormalize", "use_grouped_topk", 
                      "custom_routing_function", "scoring_func", "routed_scaling_factor", "e_score_correction_bias",
                      "apply_routed_scale_to_output", "apply_router_weight_on_input")
 # Given (not None, False or 0), each keeps the layer stock (routing_config's list says why):
-# the routing is not one a router of ours can widen, or a model-supplied class runs the layer.
+# the routing is not one a router of ours can widen, or a model-supplied runner runs the layer's
+# forward (vLLM 0.32's TransformersMoERunner takes the model's own top-k ids, past any router).
 STOCK_IF_GIVEN = ("router", "enable_eplb", "num_redundant_experts", "fuse_shared_experts", "hash_indices_table",
-                  "zero_expert_type", "bias_vl", "runner_cls", "runner_args", "routed_experts_cls",
-                  "routed_experts_args")
+                  "zero_expert_type", "bias_vl", "runner_cls", "runner_args")
 # They parametrize the experts computation. vLLM's experts take any value; this project's
-# compute unquantized, bias-free SiLU-and-multiply experts at the loaded size, so any other
-# value keeps vLLM's experts (experts_reason). Routing does not read them.
+# compute unquantized, bias-free SiLU-and-multiply experts at the loaded size, in vLLM's own
+# RoutedExperts, so any other value keeps vLLM's experts (experts_reason). Routing does not read
+# them: a model-supplied experts class (gpt-oss's, DBRX's: their own weight loading) computes
+# from the router's ids as vLLM's does.
 EXPERTS_ARGUMENTS = ("quant_config", "has_bias", "activation", "swiglu_limit", "swiglu_alpha", "swiglu_beta",
-                     "activation_situ_beta", "activation_situ_linear_beta", "intermediate_pad")
+                     "activation_situ_beta", "activation_situ_linear_beta", "intermediate_pad", "routed_experts_cls",
+                     "routed_experts_args")
 # Neither routing nor the experts computation: weight shapes, loading and parallel layout; the
 # gate and the shared experts (vLLM computes them beside the routed experts); the transforms
 # the runner applies to the routed experts' input and output (the router's logits come from the
@@ -171,6 +174,8 @@ def experts_reason(a: Mapping[str, Any]) -> str | None:
         ("SituGLU betas", a.get("activation_situ_beta") is not None
          or a.get("activation_situ_linear_beta") is not None),
         ("a padded intermediate size", bool(a.get("intermediate_pad"))),
+        ("a model-supplied experts class", a.get("routed_experts_cls") is not None
+         or bool(a.get("routed_experts_args"))),
     )
     return next((why for why, unsupported in checks if unsupported), None)
 
@@ -220,8 +225,7 @@ def routing_config(a: Mapping[str, Any], max_extra: int,
     except ValueError as e:
         return None, str(e)
     parallel = get_current_vllm_config().parallel_config
-    custom_class = next((n for n in ("runner_cls", "runner_args", "routed_experts_cls", "routed_experts_args")
-                         if a.get(n)), None)
+    custom_runner = next((n for n in ("runner_cls", "runner_args") if a.get(n)), None)
     for why, unsupported in (
         ("expert parallelism (vLLM's EP kernels assume the model's top_k)", parallel.enable_expert_parallel),
         ("EPLB", a["enable_eplb"] or a["num_redundant_experts"]),
@@ -229,8 +233,8 @@ def routing_config(a: Mapping[str, Any], max_extra: int,
         ("hash routing", a["hash_indices_table"] is not None),
         ("zero experts", a["zero_expert_type"] is not None),
         ("vision routing bias", a["bias_vl"] is not None),
-        (f"a model-supplied MoE runner or experts class ({custom_class}, which may route past this project's "
-         "router)", custom_class is not None),
+        (f"a model-supplied MoE runner ({custom_runner}: it runs the layer's forward, and may route past this "
+         "project's router)", custom_runner is not None),
         ("router weights applied to the input with vLLM's experts (they do that at top-k 1 only; this project's "
          "do it for unquantized SiLU experts: --smooth-experts smoothsmoe, the default on CUDA)",
          a["apply_router_weight_on_input"] and max_extra > 0 and not our_experts),
