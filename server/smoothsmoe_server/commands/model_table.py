@@ -53,7 +53,8 @@ FAMILY_NAMES = {"softmax": "softmax", "sigmoid": "sigmoid", "sqrtsoftplus": "sqr
 # Arguments that keep a layer stock when given (not None / False), as routing_config checks them.
 STOCK_IF_GIVEN = {"router": "its own router", "hash_indices_table": "hash-routed layers",
                   "zero_expert_type": "zero experts", "bias_vl": "a vision routing bias",
-                  "fuse_shared_experts": "shared experts fused into routing"}
+                  "fuse_shared_experts": "shared experts fused into routing",
+                  "runner_cls": "a model-supplied MoE runner"}
 
 
 @dataclass(frozen=True)
