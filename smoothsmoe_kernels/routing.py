@@ -70,9 +70,33 @@ def route_with_gaps(
 def router_margin(
     scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """z(k) - z(k+1) per token [T] float32, as RoutingResult.margin, without routing."""
-    _, _, zs = _select(scores, config, correction_bias)
-    return _margin(zs, config.top_k)
+    """z(k) - z(k+1) per token [T] float32, equal to route(...).margin, without routing.
+
+    scores [T, E] (any float dtype; computed in float32), correction_bias [E]
+    or None. What the server counts for a layer that keeps stock routing.
+    Capturable in a CUDA graph: fixed shapes, no host sync, no copy from the
+    host. The k-th and (k+1)-th values of a top-k are the same however its
+    ties are broken, so torch.topk's values are used as they come; only a
+    grouped layer's choice of groups depends on ties (see _mask_groups).
+    """
+    K = config.top_k
+    _, z = _selection_scores(scores, config, correction_bias, with_weights=False)
+    zs = z.topk(min(K + 1, z.shape[1]), dim=-1).values  # [T, <= K+1]
+    if zs.shape[1] == K:  # no (k+1)-th expert: the margin is FMAX, as route() gives it
+        zs = F.pad(zs, (0, 1), value=float("-inf"))
+    return _margin(zs, K)
+
+
+def stock_result(
+    scores: torch.Tensor, ids: torch.Tensor, config: RoutingConfig, correction_bias: torch.Tensor | None = None
+) -> RoutingResult:
+    """A stock top-k routing's ids [T, k] (any int dtype; another router's choice) as a RoutingResult
+    to count: ids int32, order 0 and capped False (no extras), margin from router_margin, weights 0
+    (the counts never read them). Capturable in a CUDA graph, as router_margin."""
+    T = ids.shape[0]
+    order = torch.zeros(T, dtype=torch.int32, device=ids.device)  # [T]: sized by the batch, not by data
+    return RoutingResult(ids=ids.to(torch.int32), weights=torch.zeros(ids.shape, device=ids.device), order=order,
+                         capped=order.bool(), margin=router_margin(scores, config, correction_bias))
 
 
 def _margin(zs: torch.Tensor, K: int) -> torch.Tensor:
@@ -122,20 +146,34 @@ def _select(scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.
     group masking), idx [T, W+1] int64 (expert ids by descending selection
     score, -1 past E) and zs [T, W+1] (their selection scores, -inf past E).
     """
+    weight_src, z = _selection_scores(scores, config, correction_bias)
+    E = z.shape[1]
+    zs, idx = _topk_lower_index(z, min(config.width + 1, E))  # [T, n]
+    pad = config.width + 1 - zs.shape[1]
+    if pad:  # fewer experts than W+1: the missing candidates score -inf
+        idx = F.pad(idx, (0, pad), value=-1)
+        zs = F.pad(zs, (0, pad), value=float("-inf"))
+    return weight_src, idx, zs
+
+
+def _selection_scores(scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.Tensor | None,
+                      with_weights: bool = True):
+    """(weight_src [T, E], z [T, E]): the weights' source (see _select; None unless with_weights)
+    and the selection scores, float32, NaN-free, the experts of groups not chosen at -inf."""
     if scores.dim() != 2:
         raise ValueError(f"scores must be [T, E], got shape {tuple(scores.shape)}")
-    E = scores.shape[1]
-    config.check_num_experts(E)
+    config.check_num_experts(scores.shape[1])
     logits = scores.float()
     if correction_bias is not None and config.scoring_func not in BIASED_SCORING_FUNCS:
         raise ValueError(f"correction_bias is defined for scoring_func in {BIASED_SCORING_FUNCS} only")
     if config.scoring_func in BIASED_SCORING_FUNCS:
         sig = _f64(torch.sigmoid if config.scoring_func == "sigmoid" else _sqrt_softplus, logits)  # NaN stays NaN
         z = sig if correction_bias is None else sig + correction_bias.float()
-        weight_src = torch.nan_to_num(sig, nan=0.0)
+        weight_src = torch.nan_to_num(sig, nan=0.0) if with_weights else None
     else:
         z = logits
-        if config.scoring_func == "topk_sigmoid":  # selected on the logits, weighted by their sigmoid
+        weight_src = None
+        if config.scoring_func == "topk_sigmoid" and with_weights:  # selected on the logits, weighted by their sigmoid
             weight_src = torch.nan_to_num(_f64(torch.sigmoid, logits), nan=0.0)
     # NaN counts as -inf, +inf as the largest float (so differences stay finite).
     z = torch.nan_to_num(z, nan=float("-inf"), posinf=FMAX, neginf=float("-inf"))
@@ -144,13 +182,7 @@ def _select(scores: torch.Tensor, config: RoutingConfig, correction_bias: torch.
 
     if config.num_expert_group is not None:
         z = _mask_groups(z, config, with_bias=correction_bias is not None)
-
-    zs, idx = _topk_lower_index(z, min(config.width + 1, E))  # [T, n]
-    pad = config.width + 1 - zs.shape[1]
-    if pad:  # fewer experts than W+1: the missing candidates score -inf
-        idx = F.pad(idx, (0, pad), value=-1)
-        zs = F.pad(zs, (0, pad), value=float("-inf"))
-    return weight_src, idx, zs
+    return weight_src, z
 
 
 def _sqrt_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +227,9 @@ def _mask_groups(z: torch.Tensor, config: RoutingConfig, with_bias: bool) -> tor
         group_score = torch.nan_to_num(top2.sum(-1), nan=float("-inf"), posinf=FMAX)
     else:
         group_score = zg.amax(-1)
-    _, groups = _topk_lower_index(group_score, config.topk_group)  # [T, topk_group]
+    # The best groups, ties to the lower group: a stable sort of G values, which (unlike
+    # _topk_lower_index) needs no host sync, so router_margin stays capturable.
+    groups = group_score.sort(dim=-1, descending=True, stable=True).indices[:, : config.topk_group]  # [T, topk_group]
     keep = torch.zeros(T, G, dtype=torch.bool, device=z.device).scatter_(1, groups, True)
     return torch.where(keep.unsqueeze(-1), zg, float("-inf")).view(T, E)
 

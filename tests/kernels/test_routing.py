@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from smoothsmoe_kernels import RoutingConfig, route, smooth_topk
 from smoothsmoe_kernels.routing_result import FMAX
-from tests.kernels.cases import FAMILIES, call, routing_case
+from tests.kernels.cases import FAMILIES, adversarial_scores, call, routing_case
 from tests.kernels.oracle import route_token, smooth_step
 
 INF = float("inf")
@@ -249,12 +249,22 @@ def test_oracle_step_is_the_spec_step():
     assert smooth_step(0.3) == step(0.3)
 
 
-def test_router_margin_is_the_routing_margin():
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_margin_is_the_routing_margin(family, grouped):
+    """router_margin (top-k values, no tie re-ranking: graph-safe) equals the margin route() computes,
+    ties, NaN, -inf rows included; also where no (k+1)-th expert exists (margin float32 max)."""
     from smoothsmoe_kernels.routing import router_margin
 
-    s = torch.randn(64, 16)
-    s[3] = NAN
-    s[5, 2:] = -INF
-    cfg = RoutingConfig(top_k=2, max_extra=2, scoring_func="sigmoid", num_expert_group=4, topk_group=2)
-    bias = torch.randn(16) * 0.1
-    assert torch.equal(router_margin(s, cfg, bias), route(s, cfg, 0.3, bias).margin)
+    for E, k in ((16, 2), (16, 8), (4, 4)):
+        if grouped and E // 4 * 2 < k:
+            continue
+        s = adversarial_scores(64, E, seed=E + k)
+        s[3] = NAN
+        s[5, 2:] = -INF
+        cfg = RoutingConfig(top_k=k, max_extra=2, scoring_func="softmax" if family == "softmax_norm" else family,
+                            renormalize=family not in ("softmax", "topk_sigmoid"),
+                            num_expert_group=4 if grouped else None, topk_group=2 if grouped else None)
+        bias = torch.randn(E, generator=torch.Generator().manual_seed(E)) * 0.1 \
+            if family in ("sigmoid", "sqrtsoftplus") else None
+        assert torch.equal(router_margin(s, cfg, bias), route(s, cfg, 0.3, bias).margin), (E, k)

@@ -29,6 +29,17 @@ def test_smoothed_layer_moves_little_where_stock_jumps(smooth_server, layer):
     assert fine < 0.25 * stock_fine
 
 
-def test_probe_rejects_unknown_layers(smooth_server):
+def test_probe_answers_an_unknown_layer_404_naming_the_field(smooth_server):
     r = httpx.get(f"{smooth_server.url}/smoothsmoe/probe", params={"layer": 99}, timeout=60)
-    assert r.status_code == 400 and "no smoothed MoE layer 99" in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert r.status_code == 404 and error["param"] == "layer" and "no MoE layer 99" in error["message"]
+    r = httpx.get(f"{smooth_server.url}/smoothsmoe/probe", params={"layer": 0, "seed": -1}, timeout=60)
+    assert r.status_code == 400 and "seed" in r.json()["error"]["message"]  # vLLM answers validation errors 400
+
+
+def test_probe_of_a_stock_layer_says_it_is_not_smoothed(nosmooth_server):
+    r = httpx.get(f"{nosmooth_server.url}/smoothsmoe/probe", params={"layer": 0}, timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "layer", r.text
+    assert error["message"] == "layer 0 is not smoothed: smoothing is off (--no-smoothing)"
+    assert httpx.get(f"{nosmooth_server.url}/health", timeout=10).status_code == 200

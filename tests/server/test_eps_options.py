@@ -7,14 +7,18 @@ import json
 import pytest
 import torch
 from smoothsmoe_server.engine.eps import EpsPlan, eps_log_line, load_eps_file
+from smoothsmoe_server.engine.layer_plan import LayerPlan
 from smoothsmoe_server.engine.router import SmoothRouter
+from smoothsmoe_server.engine.snapshot import LayerSnapshot, Snapshot
 from smoothsmoe_server.options import SmoothingOptions
 
 from smoothsmoe_kernels import RoutingConfig, StatsLayout
 
 
 def router(options: SmoothingOptions) -> SmoothRouter:
-    return SmoothRouter(RoutingConfig(top_k=2), 8, "model.layers.0.mlp.experts", 0, 0.3, None,
+    plan = LayerPlan(prefix="model.layers.0.mlp.experts", layer_index=0, num_experts=8,
+                     config=RoutingConfig(top_k=2), smoothed=True)
+    return SmoothRouter(plan, 0.3, None,
                         torch.device("cpu"), options)
 
 
@@ -40,14 +44,17 @@ def test_online_flags_are_checked():
 def test_the_last_line_of_an_eps_log_is_an_eps_file(tmp_path):
     layout = StatsLayout(2, 2, 8)
 
-    def snapshot(eps0: float, eps1: float) -> dict:
+    def snapshot(eps0: float, eps1: float) -> Snapshot:
         stats = layout.new_buffer()
         stats[0], stats[2] = 1000, 480  # tokens, extras
-        return {"layers": [
-            {"layer": 0, "smoothed": True, "eps": eps0, "stats": stats.tolist()},
-            {"layer": 1, "smoothed": True, "eps": eps1, "stats": stats.tolist()},
-            {"layer": 2, "smoothed": False, "eps": 0.0, "stats": stats.tolist()},  # stock: not in the log
-        ]}
+
+        def layer(index: int, smoothed: bool, eps: float) -> LayerSnapshot:
+            return LayerSnapshot(layer=index, smoothed=smoothed, experts="vllm", top_k=2, max_extra=2, num_experts=8,
+                                 eps=eps, eps_bounds=None, margin_edges=layout.margin_edges,
+                                 stats=tuple(stats.tolist()), reason=None if smoothed else "r")
+
+        # layer 2 is stock: not in the log
+        return Snapshot(options=None, layers=(layer(0, True, eps0), layer(1, True, eps1), layer(2, False, 0.0)))
 
     log = tmp_path / "eps.jsonl"
     log.write_text(eps_log_line(snapshot(0.2, 0.3), 1.0) + eps_log_line(snapshot(0.25, 0.125), 2.0))

@@ -28,6 +28,8 @@ from tests.server.conftest import API_KEY, REPO, SMOOTHSMOE
 
 RULES = REPO / "deploy" / "prometheus" / "rules" / "smoothsmoe.rules.yml"
 TRAFFIC_S = 25
+READY_S = 60  # Prometheus starts in a second or two; a minute means it will not
+DPI = 70  # the preview's resolution
 
 
 dashboard = load_dashboard
@@ -88,12 +90,13 @@ def prometheus(smooth_server, replica, tmp_path_factory):
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(60):
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        deadline = time.monotonic() + READY_S
+        while not ready(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"Prometheus was not ready within {READY_S} s (exit code {proc.poll()}):\n"
+                            + (d / "prometheus.log").read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
         start = time.time()
 
         async def both():
@@ -106,6 +109,13 @@ def prometheus(smooth_server, replica, tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/-/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:  # not listening yet
+        return False
 
 
 def query(url: str, expr: str) -> list:
@@ -160,6 +170,14 @@ def test_alerting_rules_are_loaded_and_healthy(prometheus):
     assert all(a["state"] == "inactive" for a in alerts.values())  # a healthy server at its budget
 
 
+def drawn_inside(image, ax, frame_px: int = 3) -> bool:
+    """Whether the image holds more than one colour inside the axes' frame (its spines left out)."""
+    box = ax.get_window_extent()  # display pixels at the figure's dpi, origin at the bottom left
+    top, bottom = image.shape[0] - int(box.y1) + frame_px, image.shape[0] - int(box.y0) - frame_px
+    inside = image[top:bottom, int(box.x0) + frame_px: int(box.x1) - frame_px]
+    return inside.size > 0 and bool((inside != inside[0, 0]).any())
+
+
 def test_render_dashboard_preview(prometheus, tmp_path):
     """Draws every panel from its Prometheus queries, laid out as in Grafana."""
     import matplotlib
@@ -170,12 +188,14 @@ def test_render_dashboard_preview(prometheus, tmp_path):
     url, start, end = prometheus
     module = dashboard()
     rows = max(p.y + p.h for p in module.PANELS)
-    fig = plt.figure(figsize=(24, rows * 0.42))
+    fig = plt.figure(figsize=(24, rows * 0.42), dpi=DPI)  # the saved image's pixels are the figure's
     for title, y in module.ROWS:
         fig.text(0.005, 1 - (y + 0.6) / rows, title, fontsize=13, weight="bold")
-    drawn = 0
-    for p in module.PANELS:
+    drawn = [0] * len(module.PANELS)  # series drawn, per panel
+    axes = []
+    for i, p in enumerate(module.PANELS):
         ax = fig.add_axes([p.x / 24 + 0.022, 1 - (p.y + p.h) / rows + 0.012, p.w / 24 - 0.03, p.h / rows - 0.045])
+        axes.append(ax)
         ax.set_title(p.title, fontsize=10, loc="left")
         ax.tick_params(labelsize=7)
         for expr, legend in p.targets:
@@ -188,7 +208,7 @@ def test_render_dashboard_preview(prometheus, tmp_path):
                 grid = [[float(v[1]) for v in s["values"]] + [0.0] * (width - len(s["values"])) for s in result]
                 ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
                 ax.set_ylabel("expert", fontsize=7)
-                drawn += 1
+                drawn[i] += len(result)
                 continue
             for series in result[:16]:
                 t = [float(v[0]) - start for v in series["values"]]
@@ -204,11 +224,17 @@ def test_render_dashboard_preview(prometheus, tmp_path):
                     ax.set_yticks([])
                 else:
                     ax.plot(t, v, label=label, linewidth=1)
-                drawn += 1
+                drawn[i] += 1
         if p.kind != "stat" and ax.lines:
             ax.legend(fontsize=6, loc="upper left", ncol=2)
     out = tmp_path / "preview.png"
-    fig.savefig(out, dpi=70)
-    assert drawn >= len(module.PANELS) and out.stat().st_size > 10_000
+    fig.savefig(out, dpi=DPI)
+    assert [p.title for p, n in zip(module.PANELS, drawn) if n == 0] == [], "panels without a series"
+    # The PNG, read back: the figure's size, and inside every panel's frame something other than the
+    # background (a line, a heatmap, a number); a panel drawn empty or off the image fails.
+    image = plt.imread(out)[:, :, :3]  # [rows, columns, RGB] floats in 0..1, row 0 at the top
+    assert image.shape[1::-1] == tuple(round(v) for v in fig.get_size_inches() * DPI)
+    blank = [p.title for p, ax in zip(module.PANELS, axes) if not drawn_inside(image, ax)]
+    assert blank == [], f"panels with nothing drawn in the image: {blank}"
     if os.environ.get("SMOOTHSMOE_PREVIEW_OUT"):
         Path(os.environ["SMOOTHSMOE_PREVIEW_OUT"]).write_bytes(out.read_bytes())

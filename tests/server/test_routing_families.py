@@ -18,8 +18,9 @@ import inspect
 
 import pytest
 import torch
-from smoothsmoe_server.engine.family_probe import recognise_routing_function
-from smoothsmoe_server.engine.moe_patch import routing_config
+from smoothsmoe_server.engine.family_probe import RoutingFunctionFailed, recognise_routing_function
+from smoothsmoe_server.engine.layer_plan import plan_layer, routing_config
+from smoothsmoe_server.options import SmoothingOptions
 from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
 from vllm.model_executor.models.llama4 import Llama4MoE
 from vllm.model_executor.models.phimoe import phimoe_routing_function
@@ -94,8 +95,12 @@ def test_the_probe_recognises_llama4_and_nothing_it_cannot_match():
     def fails(hidden_states, gating_output, topk, renormalize):
         raise RuntimeError("needs a GPU")
 
-    for fn in (phimoe_routing_function, reads_hidden, fails):
+    for fn in (phimoe_routing_function, reads_hidden):
         assert recognise_routing_function(fn, 2, False, 16) is None, fn
+    # A function that raises is not taken for one that computes no family: the failure is reported.
+    with pytest.raises(RoutingFunctionFailed, match="fails raised RuntimeError: needs a GPU") as raised:
+        recognise_routing_function(fails, 2, False, 16)
+    assert isinstance(raised.value.__cause__, RuntimeError)
 
 
 def factory_args(**kw) -> dict:
@@ -103,6 +108,13 @@ def factory_args(**kw) -> dict:
     bound = inspect.signature(FusedMoEFactory).bind(**{**base, **kw})
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+DEFAULTS = {name: p.default for name, p in inspect.signature(FusedMoEFactory).parameters.items()}
+
+
+def plan(a: dict, experts: str = "vllm"):
+    return plan_layer(a, DEFAULTS, SmoothingOptions(experts=experts), "cpu")
 
 
 @pytest.fixture
@@ -113,16 +125,19 @@ def vllm_config():
         yield
 
 
-def test_detection_reads_how_vllm_would_route_the_layer(vllm_config):
+def test_detection_reads_how_vllm_would_route_the_layer(vllm_config, caplog):
     # Llama 4's layer: recognised; its router weights go on the input, which vLLM's kernels do at top-k 1 only.
     llama4 = dict(custom_routing_function=Llama4MoE.custom_routing_function, renormalize=False)
     on_input = factory_args(**llama4, apply_router_weight_on_input=True)
     config, why = routing_config(on_input, 2)  # with vLLM's experts (the CPU default): stock
     assert config.scoring_func == "topk_sigmoid" and "applied to the input" in why
     assert routing_config(on_input, 0)[1] is None  # no extras
-    assert routing_config(on_input, 2, our_experts=True)[1] is None  # this project's experts apply them per slot
+    stock = plan(on_input)
+    assert not stock.smoothed and "applied to the input" in stock.reason and stock.config.max_extra == 0
+    ours = plan(on_input, experts="smoothsmoe")  # this project's experts apply them per slot
+    assert ours.smoothed and ours.experts == "smoothsmoe" and ours.config.width == 3
     quantized = factory_args(**llama4, apply_router_weight_on_input=True, quant_config=object())
-    assert "applied to the input" in routing_config(quantized, 2, our_experts=True)[1]  # ours are unquantized only
+    assert "applied to the input" in plan(quantized, experts="smoothsmoe").reason  # ours are unquantized only
     config, why = routing_config(factory_args(**llama4), 2)
     assert config.scoring_func == "topk_sigmoid" and not config.renormalize and why is None
     # DeepSeek-V4's score-based layers are smoothed; its hash-routed layers stay stock.
@@ -131,9 +146,16 @@ def test_detection_reads_how_vllm_would_route_the_layer(vllm_config):
     config, why = routing_config(factory_args(**dsv4), 2)
     assert config.scoring_func == "sqrtsoftplus" and config.routed_scaling_factor == 1.5 and why is None
     assert "hash routing" in routing_config(factory_args(**dsv4, hash_indices_table=torch.zeros(8, 6)), 2)[1]
-    # A routing function the probe cannot match: stock, with the reason, never guessed.
-    config, why = routing_config(factory_args(custom_routing_function=phimoe_routing_function, top_k=2), 2)
+    # A routing function the probe cannot match (Phi-3.5-MoE's, called as phimoe.py calls the factory):
+    # stock, with the reason, never guessed.
+    phi = dict(custom_routing_function=phimoe_routing_function, top_k=2, renormalize=False)
+    config, why = routing_config(factory_args(**phi), 2)
     assert config is None and "phimoe_routing_function" in why and "none of the spec's families" in why
+    # One that raises when probed (Phi's asserts renormalize=False): stock, and the reason says it raised.
+    config, why = routing_config(factory_args(**{**phi, "renormalize": True}), 2)
+    assert config is None and "could not be probed" in why and "raised AssertionError" in why
+    failed = [r for r in caplog.records if "probing its routing function failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info[0] is RoutingFunctionFailed  # the log has the traceback
     assert "not one of the spec's families" in routing_config(factory_args(scoring_func="relu"), 2)[1]
 
 
@@ -147,7 +169,8 @@ def test_sqrtsoftplus_at_eps_zero_equals_vllm_cpu_routing():
     from vllm.model_executor.layers.fused_moe.router.cpu_router import _sqrtsoftplus_bias_topk
 
     torch.manual_seed(0)
-    logits, bias = torch.randn(200, 32) * 2, torch.randn(32) * 0.1
+    # 64 experts: vLLM 0.32's kernel takes 64, 128, 256 or 384 ("unsupported num_experts" for 16, 32, 160, 512)
+    logits, bias = torch.randn(200, 64) * 2, torch.randn(64) * 0.1
     w, ids = _sqrtsoftplus_bias_topk(logits, 6, True, bias, 1.5, None, None)
     ours = route(logits, RoutingConfig(top_k=6, max_extra=2, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5),
                  0.0, bias)

@@ -15,13 +15,15 @@ import logging
 import time
 from argparse import Namespace
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import State
 from vllm import SamplingParams
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from smoothsmoe_server.api import corrections, responses_input, shutdown
 from smoothsmoe_server.engine.eps import EpsPlan, eps_log_line
+from smoothsmoe_server.engine.snapshot import Snapshot, UncountedLayer
 from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.options import SmoothingOptions
 
@@ -65,7 +67,7 @@ async def write_eps_log(engine, path: str, interval_s: float = EPS_LOG_INTERVAL_
     with open(path, "a") as f:
         while True:
             try:
-                snapshot = (await engine.collective_rpc("smoothsmoe_snapshot"))[0]
+                snapshot = Snapshot.from_wire((await engine.collective_rpc("smoothsmoe_snapshot"))[0])
             except Exception:  # an engine going down: the log ends, serving is not its business
                 logger.exception("smoothsmoe: eps log stopped")
                 return
@@ -79,17 +81,44 @@ PROBE_STEPS = [0.1, 0.01]  # sweep steps, as fractions of the layer's eps
 
 
 @routes.get("/smoothsmoe/probe")
-async def probe(request: Request, layer: int = 0, seed: int = 0):
+async def probe(request: Request, layer: int = 0, seed: int = Query(0, ge=0, lt=2**63)):
     """Continuity probe of one live MoE layer (see probe.py): the largest jump of
     the layer's output between neighbours of a sweep through a routing
-    boundary, smoothed and stock, for steps of eps/10 and eps/100."""
+    boundary, smoothed and stock, for steps of eps/10 and eps/100.
+
+    404 for a layer the model does not have, 400 for one that is not smoothed or
+    cannot be probed (both name the field "layer"), 400 naming "seed" for a seed
+    outside [0, 2^63) (FastAPI's check, answered by vLLM's handler; a larger one
+    would fail the RPC's encoding); 503 with a dead engine, 500 for any other
+    failure, whose reason is logged.
+    """
+    engine = request.app.state.engine_client
     try:
-        result = await request.app.state.engine_client.collective_rpc(
-            "smoothsmoe_probe_layer", args=(layer, PROBE_STEPS, seed))
-    except Exception as e:  # an unknown layer, a model whose gate is outside the runner, eps 0
-        return JSONResponse({"error": {"message": str(e), "type": "BadRequestError", "param": "layer", "code": 400}},
-                            status_code=400)
-    return result[0]
+        snapshot = Snapshot.from_wire((await engine.collective_rpc("smoothsmoe_snapshot"))[0])
+        found = snapshot.layer(layer)
+        if found is None:
+            known = sorted(s.layer for s in (*snapshot.layers, *snapshot.uncounted))
+            return _error(404, f"the model has no MoE layer {layer} (its MoE layers: {known})", "layer")
+        if isinstance(found, UncountedLayer) or not found.smoothed:
+            return _error(400, f"layer {layer} is not smoothed: {found.reason}", "layer")
+        result = (await engine.collective_rpc("smoothsmoe_probe_layer", args=(layer, PROBE_STEPS, seed)))[0]
+    except EngineDeadError as e:
+        logger.error("smoothsmoe: probe of layer %d: the engine is dead (%s)", layer, e)
+        return _error(503, f"the engine is not running: {e}", None)
+    except Exception as e:  # the probe itself failed: the server's fault, not the request's
+        logger.exception("smoothsmoe: probe of layer %d failed", layer)
+        return _error(500, f"the probe of layer {layer} failed: {e}", None)
+    if "refused" in result:  # the layer cannot be probed, for what it is (probe.ProbeRefused)
+        return _error(400, result["refused"], "layer")
+    return result
+
+
+def _error(status: int, message: str, param: str | None) -> JSONResponse:
+    """An OpenAI-shaped error body (vLLM's own errors have this form)."""
+    kind = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}.get(
+        status, "InternalServerError")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status)
 
 
 @routes.get("/smoothsmoe/eps")

@@ -10,23 +10,22 @@ ever reaches a label.
 
 from __future__ import annotations
 
-import torch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from smoothsmoe_kernels import StatsLayout, read_stats
-from smoothsmoe_server.options import SmoothingOptions
+from smoothsmoe_server.engine.snapshot import Snapshot
 
 
 class RoutingMetrics(Collector):
     """A Prometheus collector over the last worker snapshot (see SmoothWorkerExtension.smoothsmoe_snapshot)."""
 
     def __init__(self):
-        self.snapshot: dict = {"options": None, "layers": []}
+        self.snapshot = Snapshot(options=None)
 
-    def update(self, snapshot: dict | None) -> None:
+    def update(self, snapshot: Snapshot | dict | None) -> None:
+        """Keep `snapshot` (a Snapshot or its wire form; None, a rank that does not report, keeps the last)."""
         if snapshot is not None:
-            self.snapshot = snapshot
+            self.snapshot = Snapshot.from_wire(snapshot)
 
     def describe(self):
         # Nothing to describe up front: registering must not trigger a collect.
@@ -56,11 +55,10 @@ class RoutingMetrics(Collector):
                                     "The layer's experts computation (value 1): smoothsmoe computes active pairs "
                                     "only, vllm every slot.", labels=["layer", "experts"])
         top_ks = set()
-        for s in self.snapshot["layers"]:
-            layer = str(s["layer"])
-            layout = StatsLayout(s["top_k"], s["max_extra"], s["num_experts"], tuple(s["margin_edges"]))
-            st = read_stats(torch.tensor(s["stats"], dtype=torch.float64), layout)
-            top_ks.add(s["top_k"])
+        for s in self.snapshot.layers:
+            layer = str(s.layer)
+            st = s.counts()
+            top_ks.add(s.top_k)
             tokens.add_metric([layer], st.tokens)
             active.add_metric([layer], st.active)
             extras.add_metric([layer], st.extras)
@@ -71,25 +69,24 @@ class RoutingMetrics(Collector):
                 load.add_metric([layer, str(e), "topk"], n_top)
                 load.add_metric([layer, str(e), "extra"], n_extra)
             cumulative, buckets = 0, []
-            for edge, n in zip([*layout.margin_edges, float("inf")], st.margin_buckets):
+            for edge, n in zip([*s.margin_edges, float("inf")], st.margin_buckets):
                 cumulative += n
                 buckets.append(("+Inf" if edge == float("inf") else repr(edge), cumulative))
             margin.add_metric([layer], buckets, st.margin_sum)
-            eps.add_metric([layer], s["eps"])
-            if s.get("eps_bounds"):
-                bounds.add_metric([layer, "min"], s["eps_bounds"][0])
-                bounds.add_metric([layer, "max"], s["eps_bounds"][1])
-            smoothed.add_metric([layer], 1.0 if s["smoothed"] else 0.0)
-            experts.add_metric([layer, s["experts"]], 1.0)
-        for s in self.snapshot.get("uncounted", []):
-            smoothed.add_metric([str(s["layer"])], 0.0)
+            eps.add_metric([layer], s.eps)
+            if s.eps_bounds is not None:
+                bounds.add_metric([layer, "min"], s.eps_bounds[0])
+                bounds.add_metric([layer, "max"], s.eps_bounds[1])
+            smoothed.add_metric([layer], 1.0 if s.smoothed else 0.0)
+            experts.add_metric([layer, s.experts], 1.0)
+        for u in self.snapshot.uncounted:
+            smoothed.add_metric([str(u.layer)], 0.0)
         info = GaugeMetricFamily("smoothsmoe_config_info", "Smoothing configuration (value is always 1).",
                                  labels=["top_k", "max_extra", "budget", "smoothing", "model"])
         budget = GaugeMetricFamily("smoothsmoe_extra_budget",
                                    "Target mean extra experts per token (0 with smoothing off); alerts compare to it.")
-        options = self.snapshot["options"]
-        if options is not None:
-            o = SmoothingOptions(**options)
+        o = self.snapshot.options
+        if o is not None:
             info.add_metric([",".join(map(str, sorted(top_ks))), str(o.max_extra), str(o.budget),
                              "on" if o.enabled else "off", o.model], 1.0)
             budget.add_metric([], o.budget if o.enabled else 0.0)

@@ -5,7 +5,7 @@ The table is read from vLLM's model code, not from model names: for each text-ge
 multimodal architecture of vLLM's registry, the source of its module (a package: all of its
 files; else the module, or the model modules it imports when it has no call of its own) is
 parsed, and every `FusedMoEFactory(...)` call's arguments are read as the plugin reads them at
-load time (moe_patch.routing_config): the scoring function, a correction bias, grouping, a
+load time (engine/layer_plan.py, routing_config): the scoring function, a correction bias, grouping, a
 custom routing function (imported and recognised by what it computes: family_probe), hash
 routing, zero experts, router weights on the input, fused shared experts. Where an argument is
 an expression of the checkpoint's config, the table says "config" and the plugin decides when
@@ -53,7 +53,8 @@ FAMILY_NAMES = {"softmax": "softmax", "sigmoid": "sigmoid", "sqrtsoftplus": "sqr
 # Arguments that keep a layer stock when given (not None / False), as routing_config checks them.
 STOCK_IF_GIVEN = {"router": "its own router", "hash_indices_table": "hash-routed layers",
                   "zero_expert_type": "zero experts", "bias_vl": "a vision routing bias",
-                  "fuse_shared_experts": "shared experts fused into routing"}
+                  "fuse_shared_experts": "shared experts fused into routing",
+                  "runner_cls": "a model-supplied MoE runner"}
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,13 @@ def _decide(module: str, kw: dict[str, str]) -> tuple[str, str, str]:
     if _given(kw, "router"):
         return "its own router", "no", "the model supplies its own router"
     if _given(kw, "custom_routing_function"):
-        found, family = _recognised(module, kw["custom_routing_function"])
+        found, family, failure = _recognised(module, kw["custom_routing_function"])
         if not found:
             return (f"custom function {kw['custom_routing_function']}", "config",
                     "its routing function is probed when the model is built (not reachable from here)")
+        if failure is not None:
+            return (f"custom function {kw['custom_routing_function']}", "no",
+                    f"its routing function could not be probed: {failure}")
         if family is None:
             return (f"custom function {kw['custom_routing_function']}", "no",
                     "its routing function computes none of the spec's families")
@@ -179,15 +183,15 @@ def _decide(module: str, kw: dict[str, str]) -> tuple[str, str, str]:
     return family, "yes", ""
 
 
-def _recognised(module: str, expression: str) -> tuple[bool, tuple[str, bool] | None]:
+def _recognised(module: str, expression: str) -> tuple[bool, tuple[str, bool] | None, str | None]:
     """Import the model module, find the routing function the call names, and probe it:
-    (whether the function was found, its family or None)."""
-    from smoothsmoe_server.engine.family_probe import recognise_routing_function
+    (whether the function was found, its family or None, why probing it failed or None)."""
+    from smoothsmoe_server.engine.family_probe import RoutingFunctionFailed, recognise_routing_function
 
     try:
         namespace = vars(importlib.import_module(module))
     except Exception:  # noqa: BLE001: a module that does not import here: the plugin probes it at load
-        return False, None
+        return False, None, None
     fn = None
     parts = expression.split(".")
     if parts[0] == "self" and len(parts) == 2:  # self.fn: a function of one of the module's classes
@@ -200,8 +204,11 @@ def _recognised(module: str, expression: str) -> tuple[bool, tuple[str, bool] | 
         for part in parts[1:]:
             fn = getattr(fn, part, None)
     if fn is None or not callable(fn):
-        return False, None
-    return True, recognise_routing_function(fn, 2, False, 16)
+        return False, None, None
+    try:
+        return True, recognise_routing_function(fn, 2, False, 16), None
+    except RoutingFunctionFailed as e:
+        return True, None, str(e)
 
 
 def format_rows(rows: list[ModelRow], markdown: bool) -> str:

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smoothsmoe_kernels.stats import EXTRAS_INDEX, TOKENS_INDEX
+from smoothsmoe_server.engine.snapshot import Snapshot
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,11 @@ def save_eps_file(path: Path, layers: dict[int, dict], meta: dict) -> None:
     Path(path).write_text(json.dumps(body, indent=2) + "\n")
 
 
-def eps_log_line(snapshot: dict, now: float) -> str:
-    """One line of an eps log from a worker snapshot: time, then each smoothed layer's eps and counts."""
-    layers = {str(s["layer"]): {"eps": s["eps"], "tokens": s["stats"][TOKENS_INDEX], "extras": s["stats"][EXTRAS_INDEX]}
-              for s in snapshot["layers"] if s["smoothed"]}
+def eps_log_line(snapshot: Snapshot, now: float) -> str:
+    """One line of an eps log from a worker snapshot: time (s), then each smoothed layer's eps and counts."""
+    layers = {}
+    for s in snapshot.layers:
+        if s.smoothed:
+            counts = s.counts()
+            layers[str(s.layer)] = {"eps": s.eps, "tokens": counts.tokens, "extras": counts.extras}
     return json.dumps({"time": round(now, 3), "layers": layers}) + "\n"

@@ -31,9 +31,15 @@ logger = logging.getLogger("vllm.smoothsmoe")  # under "vllm": vLLM's log handle
 
 
 class ActivePairsMoEMethod(UnquantizedFusedMoEMethod):
-    """vLLM's unquantized MoE method with `apply` on active pairs only."""
+    """vLLM's unquantized MoE method with `apply` on active pairs only.
 
-    backend = "auto"  # the Triton kernels on CUDA, the torch reference elsewhere
+    moe: the layer's FusedMoEConfig; backend: "auto" (the Triton kernels on CUDA, the torch
+    reference elsewhere), "triton" or "torch".
+    """
+
+    def __init__(self, moe, backend: str = "auto"):
+        super().__init__(moe)
+        self.backend = backend
 
     @property
     def is_monolithic(self) -> bool:
@@ -62,7 +68,11 @@ class ActivePairsMoEMethod(UnquantizedFusedMoEMethod):
 
 
 def unsupported_reason(runner) -> str | None:
-    """Why a layer's experts cannot be computed by ActivePairsMoEMethod (None if they can)."""
+    """Why a built layer's experts cannot be computed by ActivePairsMoEMethod (None if they can).
+
+    What the factory's arguments already tell is checked before the layer is built
+    (layer_plan.experts_reason); these checks read what only the built layer shows.
+    """
     experts = runner.routed_experts
     method = experts.quant_method
     if type(method) is not UnquantizedFusedMoEMethod:
@@ -82,18 +92,6 @@ def unsupported_reason(runner) -> str | None:
         if unsupported:
             return why
     return None
-
-
-def unsupported_reason_before_build(a: dict) -> str | None:
-    """unsupported_reason's checks that FusedMoEFactory's arguments `a` already answer, for a
-    decision taken before the layer exists (a Llama 4 layer is smoothed only if these experts take it)."""
-    checks = (
-        ("quantized experts", a["quant_config"] is not None),
-        ("expert biases", a["has_bias"]),
-        (f"activation {a['activation']}", str(getattr(a["activation"], "value", a["activation"])).lower() != "silu"),
-        ("a SwiGLU clamp", a["swiglu_limit"] is not None),
-    )
-    return next((why for why, unsupported in checks if unsupported), None)
 
 
 def install(runner) -> None:

@@ -16,23 +16,33 @@ import torch
 from smoothsmoe_server.engine.router import SmoothRouter
 
 
+class ProbeRefused(ValueError):
+    """The layer cannot be probed, for what it is (not for a failure): a client asked for the wrong layer."""
+
+
 @torch.inference_mode()
 def probe_layer(runner, router: SmoothRouter, rel_steps: list[float], seed: int = 0) -> dict:
     """Largest neighbour jump of the layer's output, smoothed and stock, per step.
 
     The line is scaled so that t is in router-score units along the boundary
     normal (the k-th minus (k+1)-th score changes by t), and swept over
-    [-2 eps, 2 eps] with steps eps * rel_steps.
+    [-2 eps, 2 eps] with steps eps * rel_steps. Raises ProbeRefused for a layer
+    whose logits the model computes outside the runner, whose experts take a
+    transformed input, or whose eps is 0.
     """
     if runner.gate is None:
-        raise ValueError(f"layer {router.layer_index}: the model computes its router logits outside the MoE runner")
+        raise ProbeRefused(f"layer {router.layer_index}: the model computes its router logits outside the MoE "
+                           "runner, so the probe cannot make them")
+    if getattr(runner, "routed_input_transform", None) is not None:
+        raise ProbeRefused(f"layer {router.layer_index}: its experts take a transformed input (a latent MoE), "
+                           "which the probe does not build")
     gate = gate_weight(runner)  # [E, H] float32: router scores are computed in float32 here
     dtype = runner.moe_config.in_dtype  # the experts run in the engine's dtype, as in serving
     H = gate.shape[1]
     K = router.config.top_k
     eps = float(router.eps)
     if eps <= 0:
-        raise ValueError(f"layer {router.layer_index} has eps 0: nothing to compare")
+        raise ProbeRefused(f"layer {router.layer_index} has eps 0: nothing to compare")
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(H, generator=g)  # the MoE input is RMS-normed: entries ~ N(0, 1)
     d = torch.randn(H, generator=g)

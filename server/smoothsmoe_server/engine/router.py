@@ -1,8 +1,9 @@
 """The routers this project puts into vLLM's MoE layers, and the op that runs them.
 
 SmoothRouter routes a layer with smooth_topk at width k + max_extra (smoothing
-on); CountingRouter keeps vLLM's own router and only counts (smoothing off).
-Both own their layer's statistics buffer, allocated once on the device and
+on); CountingRouter keeps vLLM's own router and only counts (smoothing off, or a
+layer its LayerPlan keeps stock). Both are CountedRouters, made from the layer's
+plan: each owns its layer's statistics buffer, allocated once on the device and
 updated in place, so counting survives torch.compile and needs no host sync.
 
 vLLM's CPU backend traces the router into its compiled graph. Our routing and
@@ -20,10 +21,12 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
-from smoothsmoe_kernels import RoutingConfig, RoutingResult, StatsLayout, accumulate, resolve_backend
+from smoothsmoe_kernels import RoutingResult, StatsLayout, accumulate, resolve_backend
 from smoothsmoe_kernels.eps_control import EpsControl, EpsController
 from smoothsmoe_kernels.gap_recorder import GapRecorder
-from smoothsmoe_kernels.routing import route_with_gaps, router_margin
+from smoothsmoe_kernels.routing import route_with_gaps, stock_result
+from smoothsmoe_server.engine.layer_plan import LayerPlan
+from smoothsmoe_server.engine.snapshot import LayerSnapshot
 from smoothsmoe_server.options import SmoothingOptions
 
 CALIBRATION_CAPACITY = 16384  # tokens of band gaps a layer keeps while calibrating
@@ -45,28 +48,60 @@ class LayerCounters:
         self.stats.zero_()
 
 
-class SmoothRouter(BaseRouter):
+class CountedRouter(BaseRouter):
+    """What both routers share: the layer's plan, its counters and eps, and its snapshot.
+
+    plan: the layer's LayerPlan (its config, name, index and experts are read from it);
+    width: the ids per token the router returns; eps: the band width to start with, in score
+    units (0 for a stock layer); correction_bias [E] or None, the model's parameter (loaded in
+    place later).
+    """
+
+    def __init__(self, plan: LayerPlan, width: int, eps: float, correction_bias: torch.Tensor | None,
+                 device: torch.device, options: SmoothingOptions, eplb_state=None):
+        if plan.config is None:
+            raise ValueError(f"{plan.prefix}: no routing family to count by ({plan.reason})")
+        super().__init__(top_k=width, global_num_experts=plan.num_experts, eplb_state=eplb_state)
+        plan.config.check_num_experts(plan.num_experts)
+        self.plan = plan
+        self.config = plan.config
+        self.options = options  # what the server was started with, for the metrics
+        self.layer_name = plan.prefix
+        self.layer_index = plan.layer_index
+        self.experts = plan.experts  # which experts computation the layer has: fixed by the plan
+        self.correction_bias = correction_bias
+        self.eps = torch.tensor(eps, dtype=torch.float32, device=device)  # data: set in place, never re-traced
+        self.counters = LayerCounters(StatsLayout(plan.config.top_k, plan.config.max_extra, plan.num_experts), device)
+        self.controller: EpsController | None = None
+
+    def snapshot(self) -> LayerSnapshot:
+        """The layer's settings and counts as of now (one device-to-host copy of the stats buffer)."""
+        c = self.controller
+        return LayerSnapshot(
+            layer=self.layer_index, smoothed=self.plan.smoothed, experts=self.experts, top_k=self.config.top_k,
+            max_extra=self.config.max_extra, num_experts=self.counters.layout.num_experts, eps=float(self.eps),
+            eps_bounds=None if c is None else (float(c.lo), float(c.hi)),
+            margin_edges=tuple(self.counters.layout.margin_edges), stats=tuple(self.counters.stats.tolist()),
+            reason=self.plan.reason)
+
+
+class SmoothRouter(CountedRouter):
     """Smoothed top-k for one layer: ids and weights at width k + max_extra.
 
     Slots that smooth_topk leaves inactive (id -1) are handed to vLLM's experts
     kernels as the token's top-1 expert with weight 0: vLLM's kernels read -1
     out of bounds. Those slots are computed and contribute exactly 0. This
-    project's experts get the -1 and skip them.
+    project's experts (plan.experts "smoothsmoe") get the -1 and skip them.
+    backend: the routing's, "auto" (the Triton kernel on CUDA, the torch
+    reference elsewhere), "triton" or "torch".
     """
 
-    def __init__(self, config: RoutingConfig, num_experts: int, layer_name: str, layer_index: int,
-                 eps: float, correction_bias: torch.Tensor | None, device: torch.device, options: SmoothingOptions):
-        super().__init__(top_k=config.width, global_num_experts=num_experts)
-        config.check_num_experts(num_experts)
-        self.config = config
-        self.options = options  # what the server was started with, for the metrics
-        self.layer_name = layer_name
-        self.layer_index = layer_index
-        self.correction_bias = correction_bias  # the model's parameter: loaded in place later
-        self.eps = torch.tensor(eps, dtype=torch.float32, device=device)  # data: set in place, never re-traced
-        self.counters = LayerCounters(StatsLayout(config.top_k, config.max_extra, num_experts), device)
-        self.experts = "vllm"  # which experts computation the layer has: set by moe_patch
-        self.backend = "auto"  # the Triton kernel on CUDA, the torch reference elsewhere
+    def __init__(self, plan: LayerPlan, eps: float, correction_bias: torch.Tensor | None, device: torch.device,
+                 options: SmoothingOptions, backend: str = "auto"):
+        if not plan.smoothed:
+            raise ValueError(f"{plan.prefix} is planned stock ({plan.reason}): a CountingRouter counts it")
+        super().__init__(plan, plan.config.width, eps, correction_bias, device, options)
+        self.backend = backend
         # --smooth-eps online: moves self.eps to hold the budget (armed after calibration)
         self.controller = EpsController(
             EpsControl(options.budget, options.eps_window, eps_range=options.eps_range), self.eps,
@@ -120,27 +155,21 @@ class SmoothRouter(BaseRouter):
         return result.weights, torch.where(result.ids >= 0, result.ids, result.ids[:, :1])
 
 
-class CountingRouter(BaseRouter):
+class CountingRouter(CountedRouter):
     """vLLM's own router for a layer, untouched, plus the layer's counters.
 
     Used with smoothing off, and for layers this project cannot smooth: the
     routing is vLLM's (same ops, same compiled graph), so outputs stay
-    identical to stock vLLM; only counting is added beside it.
+    identical to stock vLLM; only counting is added beside it, with no host
+    sync and fixed shapes (tests/server/test_graph_safety.py).
     """
 
-    def __init__(self, inner: BaseRouter, config: RoutingConfig, num_experts: int, layer_name: str,
-                 layer_index: int, correction_bias: torch.Tensor | None, device: torch.device,
-                 options: SmoothingOptions):
-        super().__init__(top_k=inner.top_k, global_num_experts=num_experts, eplb_state=inner.eplb_state)
+    def __init__(self, inner: BaseRouter, plan: LayerPlan, correction_bias: torch.Tensor | None,
+                 device: torch.device, options: SmoothingOptions):
+        if plan.smoothed:
+            raise ValueError(f"{plan.prefix} is planned smoothed: a SmoothRouter routes it")
+        super().__init__(plan, inner.top_k, 0.0, correction_bias, device, options, eplb_state=inner.eplb_state)
         self.inner = inner
-        self.config = config  # max_extra = 0: what the margins and the stats layout need
-        self.options = options
-        self.layer_name = layer_name
-        self.layer_index = layer_index
-        self.correction_bias = correction_bias
-        self.eps = torch.zeros((), dtype=torch.float32, device=device)
-        self.counters = LayerCounters(StatsLayout(config.top_k, 0, num_experts), device)
-        self.experts = "vllm"  # a stock layer always keeps vLLM's experts
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -151,12 +180,13 @@ class CountingRouter(BaseRouter):
         return weights, torch.ops.smoothsmoe.count(router_logits, ids, self.layer_name)
 
     def count_now(self, router_logits: torch.Tensor, ids: torch.Tensor) -> None:
-        T = ids.shape[0]
-        zeros = torch.zeros(T, dtype=torch.int32, device=ids.device)
-        stock = RoutingResult(ids=ids.to(torch.int32), weights=torch.zeros(ids.shape, device=ids.device),
-                              order=zeros, capped=zeros.bool(),
-                              margin=router_margin(router_logits, self.config, self.correction_bias))
-        self.counters.count(stock, _real_rows(T, ids.device))
+        """Count one step of stock routing: router_logits [T, E], ids [T, k] (vLLM's choice).
+
+        The margin comes from the scores' top-k values (routing.router_margin), which ties do
+        not change, so it is the margin of whichever tie-break vLLM's router made.
+        """
+        stock = stock_result(router_logits, ids, self.config, self.correction_bias)
+        self.counters.count(stock, _real_rows(ids.shape[0], ids.device))
 
 
 def _real_rows(T: int, device: torch.device) -> torch.Tensor | None:

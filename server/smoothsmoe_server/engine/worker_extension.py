@@ -8,18 +8,20 @@ scrape, never per step).
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Iterable
+
+from torch import nn
 
 from smoothsmoe_kernels import calibrate_gaps
-from smoothsmoe_server.engine.probe import probe_layer
-from smoothsmoe_server.engine.router import CountingRouter, SmoothRouter
+from smoothsmoe_server.engine.layer_plan import PLAN_ATTRIBUTE
+from smoothsmoe_server.engine.probe import ProbeRefused, probe_layer
+from smoothsmoe_server.engine.router import CountedRouter, SmoothRouter
+from smoothsmoe_server.engine.snapshot import Snapshot, UncountedLayer
 
 
 class SmoothWorkerExtension:
-    def _smoothsmoe_routers(self) -> list[SmoothRouter | CountingRouter]:
-        model = self.model_runner.get_model()
-        routers = [getattr(m, "router", None) for m in model.modules()]
-        return [r for r in routers if isinstance(r, SmoothRouter | CountingRouter)]
+    def _smoothsmoe_routers(self) -> list[CountedRouter]:
+        return counted_routers(self.model_runner.get_model().modules())
 
     def smoothsmoe_start_recording(self) -> int:
         routers = [r for r in self._smoothsmoe_routers() if isinstance(r, SmoothRouter)]
@@ -89,50 +91,45 @@ class SmoothWorkerExtension:
             r.counters.reset()
 
     def smoothsmoe_snapshot(self) -> dict | None:
-        """Every layer's counters and settings, and the server's options; None
-        on ranks other than the first (with tensor parallelism every rank
-        routes the same tokens)."""
+        """Every MoE layer's counters and settings, and the server's options, in Snapshot.to_wire's
+        form; None on ranks other than the first (with tensor parallelism every rank routes the
+        same tokens)."""
         if getattr(self, "rank", 0) != 0:
             return None
-        routers = self._smoothsmoe_routers()
-        return {
-            "options": dataclasses.asdict(routers[0].options) if routers else None,
-            "layers": [
-                {
-                    "layer": r.layer_index,
-                    "smoothed": isinstance(r, SmoothRouter),
-                    "experts": r.experts,
-                    "top_k": r.config.top_k,
-                    "max_extra": r.config.max_extra,
-                    "num_experts": r.counters.layout.num_experts,
-                    "eps": float(r.eps),
-                    "eps_bounds": _eps_bounds(r),
-                    "margin_edges": list(r.counters.layout.margin_edges),
-                    "stats": r.counters.stats.tolist(),
-                }
-                for r in routers
-            ],
-            # Layers with neither router: stock routing vLLM's way, not counted (no family to count by).
-            "uncounted": [
-                {"layer": layer, "reason": reason}
-                for layer, reason in sorted(getattr(m, "smoothsmoe_stock_layer") for m in
-                                            self.model_runner.get_model().modules()
-                                            if hasattr(m, "smoothsmoe_stock_layer"))
-            ],
-        }
+        return model_snapshot(self.model_runner.get_model().modules()).to_wire()
 
     def smoothsmoe_probe_layer(self, layer_index: int, rel_steps: list[float], seed: int = 0) -> dict | None:
-        """probe.probe_layer on the smoothed layer `layer_index` (None on ranks other than the first)."""
+        """probe.probe_layer on the smoothed layer `layer_index` (None on ranks other than the first).
+
+        A layer that cannot be probed answers {"refused": why} (the API server's 400); any other
+        failure raises, and reaches the API server as an error of the call.
+        """
         if getattr(self, "rank", 0) != 0:
             return None
-        model = self.model_runner.get_model()
-        for m in model.modules():
-            if isinstance(getattr(m, "router", None), SmoothRouter) and m.router.layer_index == layer_index:
-                return probe_layer(m, m.router, rel_steps, seed)
-        raise ValueError(f"no smoothed MoE layer {layer_index}")
+        for m in self.model_runner.get_model().modules():
+            router = getattr(m, "router", None)
+            if isinstance(router, CountedRouter) and router.layer_index == layer_index:
+                if not isinstance(router, SmoothRouter):
+                    return {"refused": f"layer {layer_index} is not smoothed: {router.plan.reason}"}
+                try:
+                    return probe_layer(m, router, rel_steps, seed)
+                except ProbeRefused as e:
+                    return {"refused": str(e)}
+        return {"refused": f"no counted MoE layer {layer_index}"}
 
 
-def _eps_bounds(router) -> list[float] | None:
-    """[min, max] of an online layer's eps, None where eps does not move."""
-    c = getattr(router, "controller", None)
-    return None if c is None else [float(c.lo), float(c.hi)]
+def counted_routers(modules: Iterable[nn.Module]) -> list[CountedRouter]:
+    """The routers of this project among `modules` (a model's .modules()), in model order."""
+    return [r for r in (getattr(m, "router", None) for m in modules) if isinstance(r, CountedRouter)]
+
+
+def model_snapshot(modules: Iterable[nn.Module]) -> Snapshot:
+    """The Snapshot of every MoE layer this project's factory built among `modules` (a model's .modules())."""
+    modules = list(modules)
+    routers = counted_routers(modules)
+    # Layers with neither router: stock routing vLLM's way, not counted (no family to count by).
+    uncounted = sorted((plan.layer_index, plan.reason) for m in modules
+                       if (plan := getattr(m, PLAN_ATTRIBUTE, None)) is not None
+                       and not isinstance(getattr(m, "router", None), CountedRouter))
+    return Snapshot(options=routers[0].options if routers else None, layers=tuple(r.snapshot() for r in routers),
+                    uncounted=tuple(UncountedLayer(layer, reason) for layer, reason in uncounted))
