@@ -10,9 +10,11 @@ What differs from the reference, and why:
 
 - Ties without a host branch. The reference takes torch.topk and re-ranks the
   rows that hold a tie with a stable sort: a data-dependent Python branch
-  (a host sync, and a graph break under torch.compile). Here one stable
-  descending sort ranks every row: equal scores keep index order, the
-  reference's rule (ties to the lower index, -0.0 equal to +0.0).
+  (a host sync, and a graph break under torch.compile). Here topk runs on
+  int64 keys that order like the scores and are distinct within a row (the
+  index is in the low bits), so ties go to the lower index by construction,
+  the reference's rule (-0.0 equal to +0.0). A full stable sort would do too,
+  at 2-5x the time of topk for E >= 64 and thousands of tokens.
 - float32 for the weights. exp and log run in float32: torch computes them
   with its vectorized math library on every element, the tail of a tensor
   included (the `vml` functions), so a token's weight does not depend on where
@@ -26,12 +28,16 @@ What differs from the reference, and why:
   exp(nan_to_num(NaN)) = 1 on every slot, so k top-k slots at multiplier 1 and
   inactive extras normalize to 1/k each: the spec's fallback falls out of the
   same arithmetic.
-- Counting in one index_add_ into the stats buffer (stats.accumulate is the
-  reference for it), and no Python branch on data anywhere: Dynamo traces the
-  whole function into one graph (tests/kernels/test_routing_cpu.py compiles it
-  with fullgraph=True).
+- Counting as the Triton kernel counts (stats.accumulate is the reference):
+  the head of the stats layout as one sum over tokens, tokens per expert with
+  one index_add_. No Python branch on data anywhere: Dynamo traces the whole
+  step into one graph (tests/kernels/test_routing_cpu.py compiles it with
+  fullgraph=True), and no stack or cat, whose pieces inductor would keep as
+  buffers of their own.
 
-Numbers: 2-core x86 and vLLM's CPU routing in `python -m smoothsmoe_kernels.bench routing`.
+Written for a compiled graph: eagerly it is about a hundred small torch ops,
+barely faster than the reference; compiled, inductor fuses them into two
+kernels around one topk. Figures: `python -m smoothsmoe_kernels.bench routing` on the CPU.
 """
 
 from __future__ import annotations
@@ -80,34 +86,38 @@ def smooth_topk_cpu(
     if correction_bias is not None and config.scoring_func not in BIASED_SCORING_FUNCS:
         raise ValueError(f"correction_bias is defined for scoring_func in {BIASED_SCORING_FUNCS} only")
     K, M, W = config.top_k, config.max_extra, config.width
+    is_topk = _slot_is_topk(K, W, scores.device)  # [W] bool
 
     x = scores.float()  # [T, E] logits
     z, z_all, sig = _selection_scores(x, config, correction_bias)
-    zs, idx = _top_sorted(z, W + 1)  # [T, W+1] float32, int64 (-1 past E)
+    zs, idx = _top_lower_index(z, W + 1)  # [T, W+1] float32, int64 (-1 past E)
 
-    # The band in gaps below tau = z(k), as the reference: +inf where there is no candidate.
-    gaps = torch.nan_to_num(zs[:, K - 1 : K] - zs[:, K:], nan=float("inf"), posinf=float("inf"))  # [T, M+1]
-    cap_gap = gaps[:, M:]  # [T, 1]
+    # Gaps below tau = z(k), as the reference: +inf where there is no candidate
+    # (a -inf score, or tau = -inf). Slots 0..K-1 hold gaps <= 0; slot W the cap.
+    gaps = torch.nan_to_num(zs[:, K - 1 : K] - zs, nan=float("inf"), posinf=float("inf"))  # [T, W+1]
+    # [T, 1]. Not `gaps[:, W:]`: compiled with E dynamic, its size is min(W+1, E) - W, which
+    # inductor (torch 2.13) broadcast against [T, W] as if it were W wide: wrong ids, seen.
+    cap_gap = gaps[:, W : W + 1]
     B = torch.minimum(eps, cap_gap)  # [T, 1]
-    active = gaps[:, :M] < B  # [T, M], a prefix
-    mult = F.pad(torch.where(active, _smooth_step(gaps[:, :M], B), 0.0), (K, 0), value=1.0)  # [T, W]
-    slot_active = F.pad(active, (K, 0), value=True)  # [T, W]
+    slot_active = (gaps[:, :W] < B) | is_topk  # [T, W]; the active extras are a prefix
+    mult = torch.where(is_topk, 1.0, torch.where(slot_active, _smooth_step(gaps[:, :W], B), 0.0))  # [T, W]
 
     weights = _weights(config, x, zs, z_all, sig, idx[:, :W], mult)
     if config.routed_scaling_factor != 1.0:
         weights = weights * config.routed_scaling_factor
+    order = slot_active.sum(-1, dtype=torch.int32) - K
     result = RoutingResult(
         ids=torch.where(slot_active, idx[:, :W], -1).to(torch.int32),
         weights=weights,
-        order=active.sum(-1, dtype=torch.int32),
+        order=order,
         capped=(cap_gap < eps).squeeze(-1),
         margin=torch.nan_to_num(zs[:, K - 1] - zs[:, K], nan=0.0, posinf=FMAX),
     )
-    band = BandGaps(gaps=gaps[:, :M], cap_gap=cap_gap)
+    band = BandGaps(gaps=gaps[:, K:W], cap_gap=cap_gap)
     if stats is not None:
         _count(stats, StatsLayout(K, M, E), result, slot_active, valid)
     if recorder is not None:
-        recorder.record(band, valid)
+        recorder.record_rows(gaps[:, K:], valid)  # gap_1..gap_M and the cap gap, side by side already
     return result, band
 
 
@@ -139,7 +149,7 @@ def _mask_groups(z: torch.Tensor, config: RoutingConfig, with_bias: bool) -> tor
     """Experts outside the topk_group best groups score -inf (DeepSeek's node-limited top-k).
 
     A group scores the sum of its top-2 with a bias (V3), its best without
-    (V2), as routing._mask_groups; ties go to the lower group by the stable sort.
+    (V2), as routing._mask_groups; ties go to the lower group.
     """
     T, E = z.shape
     G = config.num_expert_group
@@ -148,31 +158,44 @@ def _mask_groups(z: torch.Tensor, config: RoutingConfig, with_bias: bool) -> tor
         group_score = torch.nan_to_num(zg.topk(min(2, E // G), dim=-1).values.sum(-1), nan=NEG_INF, posinf=FMAX)
     else:
         group_score = zg.amax(-1)
-    best = group_score.sort(dim=-1, descending=True, stable=True).indices[:, : config.topk_group]
+    _, best = _top_lower_index(group_score, config.topk_group)  # [T, topk_group]
     keep = torch.zeros(T, G, dtype=torch.bool, device=z.device).scatter_(1, best, True)  # [T, G]
     return torch.where(keep.unsqueeze(-1), zg, NEG_INF).view(T, E)
 
 
-def _top_sorted(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n best [T, n] by descending z, ties to the lower index; -inf / -1 past E.
+def _top_lower_index(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and indices [T, n] of the n largest z per row, ties to the lower index; -inf / -1 past E.
 
-    One stable sort of each row: equal values keep index order. (torch.topk
-    orders equal values arbitrarily; the reference repairs that row by row.)
+    torch.topk orders equal values arbitrarily (the reference repairs the rows
+    with a tie, a host branch). Here topk runs on keys that are all distinct:
+    the float's bits as an int32 that orders like the float, shifted up 32
+    bits, minus the index. Worked example, E = 3, z = [1.0, 2.0, 1.0]:
+    keys ~ [o(1) * 2^32 - 0, o(2) * 2^32 - 1, o(1) * 2^32 - 2], so the top 3
+    are experts 1, 0, 2. -0.0 is made +0.0 first (they tie in the reference);
+    NaN must already be gone.
     """
     E = z.shape[1]
-    vals, idx = z.sort(dim=-1, descending=True, stable=True)
+    bits = torch.where(z == 0.0, 0.0, z).view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: the magnitude bits reversed
+    key = (ordered.to(torch.int64) << 32) - torch.arange(E, device=z.device)  # [T, E], distinct per row
+    # A branch, not topk(min(n, E)): E dynamic under torch.compile, min() is a size inductor can mishandle (see
+    # cap_gap); the branch fixes it.
+    top = key.topk(n if E >= n else E, dim=-1, sorted=True).values  # noqa: FURB136
+    idx = (-top) & 0xFFFFFFFF  # the index, back from the low 32 bits
+    vals = z.gather(1, idx)
     if E >= n:
-        return vals[:, :n], idx[:, :n]
+        return vals, idx
     return F.pad(vals, (0, n - E), value=NEG_INF), F.pad(idx, (0, n - E), value=-1)
 
 
 def _smooth_step(gaps: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """s(u) = u / (u + (1-u)^50), u = (B - gap) / B, in float32; meaningful where gap < B.
+    """s(u) = u / (u + (1-u)^50), u = (B - gap) / B, in float32; meaningful where 0 <= gap < B.
 
     Both u and 1 - u = gap / B come from the gap, as in the reference; the
     power is exp(50 log(.)) (batch-invariant exp and log, see the module
-    docstring). Each float32 step is within an ulp, and the step magnifies a
-    relative error in its input at most ~12-fold near u = 0.02: below 1e-6.
+    docstring). Each float32 step is within an ulp or two; a relative error d
+    in gap / B comes out at most 12.5 d in s (50 d in the power, times
+    s (1 - s) <= 1/4): with d of a few ulps (6e-8 each), below 1e-6.
     """
     u = (B - gaps) / B
     tail = torch.exp(torch.log(gaps / B) * STEP_B)  # (1-u)^50; log(0) = -inf gives 0
@@ -199,41 +222,53 @@ def _weights(config: RoutingConfig, x, zs, z_all, sig, idx, mult) -> torch.Tenso
     if not config.renormalize:
         return num
     den = num.sum(-1, keepdim=True)
-    equal = num.new_zeros(config.width)
-    equal[:K] = 1.0 / K  # the spec's fallback for a row with nothing to normalize by
+    equal = _slot_is_topk(K, config.width, num.device) / K  # the spec's fallback: nothing to normalize by
     return torch.where(den > 0, num / den, equal)
 
 
 def _count(stats: torch.Tensor, layout: StatsLayout, result: RoutingResult, slot_active: torch.Tensor,
            valid: torch.Tensor | None) -> None:
-    """Add the step's counts to `stats` with one index_add_ (stats.accumulate counts the same)."""
+    """Add the step's counts to `stats` (stats.accumulate, the reference, counts the same).
+
+    The head of the layout (tokens .. margin histogram) as one sum over tokens
+    of a row of contributions per token, as the Triton kernel does; the
+    tokens per expert with one index_add_ over the slots.
+    """
     K = layout.top_k
+    col = _head_columns(layout, stats.device)  # [HEAD] int64: 0 .. expert_topk.start - 1
     order = result.order.unsqueeze(-1)  # [T, 1]
     margin = result.margin.unsqueeze(-1)
-    bucket = torch.bucketize(margin, layout.edges_on(stats.device))  # [T, 1]
-    # Per token, 5 + 2 + W (index, value) pairs: the head, its order's hit, its margin bucket, its slots.
-    # Order 0 adds a 0 at the first hit slot; inactive slots add a 0 at expert 0's extra count.
-    where = torch.cat([(order - 1).clamp(min=0), bucket, result.ids.clamp(min=0)], dim=-1)  # [T, 2 + W]
-    where = F.pad(where, (5, 0)) + _count_offsets(layout, stats.device)  # [T, 7 + W] int64
-    has_next = margin < FMAX  # no (k+1)-th candidate: its margin is not summed
-    ones = torch.ones_like(margin)
-    hit_value = slot_active[:, K : K + 1] if layout.max_extra else torch.zeros_like(has_next)  # order >= 1
-    what = torch.cat([ones, K + order, order, result.capped.unsqueeze(-1), torch.where(has_next, margin, 0.0),
-                      hit_value, ones, slot_active], dim=-1).double()  # [T, 7 + W]
+    bucket = (margin > layout.edges_on(stats.device)).sum(-1, keepdim=True)  # edges[i-1] < m <= edges[i]
+    # A row per token over the head, written against the column numbers (no stack or cat: under
+    # torch.compile each piece of one would be a buffer of its own): tokens, active, extras, capped,
+    # margin sum (a margin of float max has no (k+1)-th candidate), its order's hit (none for order 0),
+    # its margin bucket.
+    rows = ((col == 0) + (col == 1) * (K + order) + (col == 2) * order + (col == 3) * result.capped.unsqueeze(-1)
+            + (col == 4) * torch.where(margin < FMAX, margin, 0.0)
+            + ((col == layout.hits.start - 1 + order) & (order > 0)) + (col == layout.margin_buckets.start + bucket))
+    slots = slot_active
     if valid is not None:
-        what = what * valid.unsqueeze(-1)
-    stats.index_add_(0, where.view(-1), what.view(-1))
+        rows = rows * valid.unsqueeze(-1)
+        slots = slots & valid.unsqueeze(-1)
+    stats[: col.shape[0]] += rows.double().sum(0)
+    where = result.ids.clamp(min=0) + _slot_offsets(layout, stats.device)  # [T, W]; inactive slots add 0
+    stats.index_add_(0, where.view(-1), slots.double().view(-1))
 
 
 @lru_cache(maxsize=64)
-def _count_offsets(layout: StatsLayout, device: torch.device) -> torch.Tensor:
-    """[7 + W] int64: where each of a token's count pairs lands in the stats buffer, before its own offset.
+def _slot_is_topk(K: int, W: int, device: torch.device) -> torch.Tensor:
+    """[W] bool, True on the top-k slots (a per-device constant, made on first use)."""
+    return torch.arange(W, device=device) < K
 
-    Head 0..4, the hits, the margin buckets, then the top-k and extra slots'
-    expert counts. A per-device constant made once (a copy from the host).
-    """
-    K, M = layout.top_k, layout.max_extra
-    hits = layout.hits.start if M else layout.margin_buckets.start  # M = 0: its value is always 0
-    offsets = [0, 1, 2, 3, 4, hits, layout.margin_buckets.start]
-    offsets += [layout.expert_topk.start] * K + [layout.expert_extra.start] * M
-    return torch.tensor(offsets, dtype=torch.int64, device=device)
+
+@lru_cache(maxsize=64)
+def _head_columns(layout: StatsLayout, device: torch.device) -> torch.Tensor:
+    """[expert_topk.start] int64: the head's column numbers (a per-device constant)."""
+    return torch.arange(layout.expert_topk.start, device=device)
+
+
+@lru_cache(maxsize=64)
+def _slot_offsets(layout: StatsLayout, device: torch.device) -> torch.Tensor:
+    """[W] int64: where slot j's expert counts start, top-k slots then extra slots (a per-device constant)."""
+    slot = torch.arange(layout.top_k + layout.max_extra, device=device)
+    return torch.where(slot < layout.top_k, layout.expert_topk.start, layout.expert_extra.start)
