@@ -1,10 +1,12 @@
-"""Smoothed top-k routing for MoE layers: torch references and Triton kernels.
+"""Smoothed top-k routing for MoE layers: torch references, a fused CPU path, Triton kernels.
 
-The public entry points `smooth_topk` and `moe_experts` pick an
-implementation once per call site: the Triton kernels on CUDA, the torch
-references elsewhere. The dispatch lives here, at the package's entry, so that
-no reference imports the kernel it checks. Imports with torch alone: the
-Triton modules are imported only when a Triton backend is asked for.
+The public entry points `smooth_topk`, `route_and_count` and `moe_experts`
+pick an implementation once per call site: the Triton kernels on CUDA; off
+CUDA the fused CPU routing (routing_cpu.py) and the torch experts reference.
+`backend="torch"` always takes the references. The dispatch lives here, at the
+package's entry, so that no reference imports the implementation it checks.
+Imports with torch alone: the Triton modules are imported only when a Triton
+backend is asked for.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import torch
 from smoothsmoe_kernels.calibration import Calibration, calibrate_eps, calibrate_gaps
 from smoothsmoe_kernels.config import RoutingConfig
 from smoothsmoe_kernels.experts import moe_experts_torch
-from smoothsmoe_kernels.routing import route
-from smoothsmoe_kernels.routing_result import RoutingResult, as_eps_tensor
+from smoothsmoe_kernels.gap_recorder import GapRecorder
+from smoothsmoe_kernels.routing import route, route_with_gaps
+from smoothsmoe_kernels.routing_cpu import smooth_topk_cpu
+from smoothsmoe_kernels.routing_result import BandGaps, RoutingResult, as_eps_tensor
 from smoothsmoe_kernels.stats import RoutingStats, StatsLayout, accumulate, read_stats, routing_stats
 
 __all__ = [
@@ -30,7 +34,9 @@ __all__ = [
     "moe_experts",
     "read_stats",
     "resolve_backend",
+    "resolve_routing_backend",
     "route",
+    "route_and_count",
     "routing_stats",
     "smooth_topk",
 ]
@@ -43,6 +49,51 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return backend
+
+
+def resolve_routing_backend(backend: str, device: torch.device) -> str:
+    """'torch' (the reference), 'cpu' (routing_cpu) or 'triton': 'auto' takes Triton on CUDA, 'cpu' elsewhere."""
+    if backend not in ("auto", "torch", "cpu", "triton"):
+        raise ValueError(f"routing backend must be 'auto', 'torch', 'cpu' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    return backend
+
+
+def route_and_count(
+    scores: torch.Tensor,
+    config: RoutingConfig,
+    eps: torch.Tensor,
+    correction_bias: torch.Tensor | None = None,
+    *,
+    stats: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    recorder: GapRecorder | None = None,
+    backend: str = "auto",
+) -> tuple[RoutingResult, BandGaps]:
+    """One routing step of a layer as the server runs it: route, count, record.
+
+    scores [T, E]; eps a 0-d float32 tensor on their device; stats the
+    layer's float64 buffer (StatsLayout(config.top_k, config.max_extra, E)),
+    added to in place; valid [T] bool marks the rows to count and record;
+    recorder appends the valid rows' band gaps while its flag is set. Returns
+    the routing and its band gaps. backend: 'auto' (Triton on CUDA, the fused
+    CPU path elsewhere), 'cpu', 'triton', or 'torch' (the reference routing,
+    stats.accumulate and GapRecorder.record one after the other).
+    """
+    which = resolve_routing_backend(backend, scores.device)
+    if which == "triton":
+        from smoothsmoe_kernels.routing_triton import smooth_topk_triton
+
+        return smooth_topk_triton(scores, config, eps, correction_bias, stats=stats, valid=valid, recorder=recorder)
+    if which == "cpu":
+        return smooth_topk_cpu(scores, config, eps, correction_bias, stats=stats, valid=valid, recorder=recorder)
+    result, gaps = route_with_gaps(scores, config, eps, correction_bias)
+    if stats is not None:
+        accumulate(stats, StatsLayout(config.top_k, config.max_extra, scores.shape[1]), result, valid)
+    if recorder is not None:
+        recorder.record(gaps, valid)
+    return result, gaps
 
 
 def smooth_topk(
@@ -65,7 +116,8 @@ def smooth_topk(
     the family's stock top-k. Softmax families score by the logit; the sigmoid
     family scores by `sigmoid(logit) + correction_bias` and weighs by
     `sigmoid(logit)`. See RoutingConfig for the families, routing.route for the
-    reference.
+    reference. backend: 'auto' (the Triton kernel on CUDA, routing_cpu's fused
+    path elsewhere), 'cpu', 'triton', or 'torch' (the reference).
 
     Example (k=1, one extra allowed): expert 2 sits 0.05 below expert 0, inside
     a band of 0.1, so it is active as a first-order extra:
@@ -83,11 +135,10 @@ def smooth_topk(
         topk_group=topk_group,
         routed_scaling_factor=routed_scaling_factor,
     )
-    if resolve_backend(backend, scores.device) == "triton":
-        from smoothsmoe_kernels.routing_triton import smooth_topk_triton
-
-        return smooth_topk_triton(scores, config, as_eps_tensor(eps, scores.device), correction_bias)[0]
-    return route(scores, config, eps, correction_bias)
+    which = resolve_routing_backend(backend, scores.device)
+    if which == "torch":
+        return route(scores, config, eps, correction_bias)
+    return route_and_count(scores, config, as_eps_tensor(eps, scores.device), correction_bias, backend=which)[0]
 
 
 def moe_experts(

@@ -2,9 +2,11 @@
 
 Baseline and ours in one process, on the same inputs, back to back; the ratio
 is what to read.
-  routing  smooth_topk (torch; and the Triton kernel with its counts on CUDA),
+  routing  on CUDA: smooth_topk (torch; the Triton kernel with its counts),
            at eps calibrated to the default budget, against stock routing:
-           torch.topk + softmax.
+           torch.topk + softmax. On the CPU: bench_routing_cpu, the reference
+           and the fused CPU path against vLLM's CPU router, eager and
+           compiled into a graph, T = 1, 16, 256, 4096.
   experts  on the shapes of real models (one layer, random weights): the work
            the experts kernel schedules (GEMM row tiles) with smoothing against
            stock top-k, next to 1 + extra pairs / base pairs (any machine); on
@@ -248,8 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("what", choices=["routing", "experts", "stages", "tune"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="routing scores dtype (default float32) / experts dtype (default bfloat16)")
+                        help="routing scores dtype (default float32; bfloat16 on the CPU, the default model's "
+                             "dtype there) / experts dtype (default bfloat16)")
     parser.add_argument("--max-extra", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU: torch threads (default torch's; on a machine shared with other jobs, 1 keeps "
+                             "a descheduled thread from stalling every parallel region)")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="routing on the CPU: eager calls only (the compiled-graph columns compile for minutes)")
     parser.add_argument("--models", default=None,
                         help="tune: model shapes to tune (names from MODEL_SHAPES or, with --fp8, FP8_MODEL_SHAPES; "
                         "or E:K:H:I); default all of them")
@@ -261,7 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.what in ("stages", "tune") and device.type != "cuda":
         # Both time compiled Triton kernels (and CUDA graphs); Triton's interpreter would only time itself.
         parser.exit(2, f"bench {args.what}: needs a CUDA GPU (torch sees none here); run it on the GPU machine\n")
-    if args.what == "routing":
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "routing" and device.type == "cpu":
+        from smoothsmoe_kernels.bench_routing_cpu import bench_routing_cpu
+
+        bench_routing_cpu(getattr(torch, args.dtype or "bfloat16"), args.max_extra, graph=not args.no_graph)
+    elif args.what == "routing":
         bench_routing(device, getattr(torch, args.dtype or "float32"), args.max_extra)
     elif args.what == "experts":
         bench_experts(device, getattr(torch, args.dtype or "bfloat16"), args.max_extra)

@@ -37,12 +37,19 @@ class GapRecorder:
 
     def record(self, gaps: BandGaps, valid: torch.Tensor | None) -> None:
         """Append the real rows' gaps while the flag is set (device ops only, fixed shapes)."""
-        keep = self.recording.expand(gaps.gaps.shape[0])
-        if valid is not None:
+        self.record_rows(torch.cat([gaps.gaps, gaps.cap_gap], dim=-1), valid)
+
+    def record_rows(self, rows: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """record() for the gaps as one [T, max_extra + 1] block: gap_1..gap_M, then the cap gap."""
+        T = rows.shape[0]
+        keep = self.recording.expand(T)
+        if valid is None:  # every row is kept or none: row t goes to recorded + t (no scan)
+            pos = self.recorded + torch.arange(T, device=keep.device)
+        else:
             keep = keep & valid
-        pos = self.recorded + torch.cumsum(keep, 0) - 1
+            pos = self.recorded + torch.cumsum(keep, 0) - 1
         pos = torch.where(keep & (pos < self.capacity), pos, self.capacity)
-        self.rows.index_copy_(0, pos, torch.cat([gaps.gaps, gaps.cap_gap], dim=-1))
+        self.rows.index_copy_(0, pos, rows)
         self.recorded += keep.sum()
 
     def start(self) -> None:

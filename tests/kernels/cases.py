@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from smoothsmoe_kernels import smooth_topk
+from smoothsmoe_kernels import RoutingConfig, smooth_topk
 
 INF = float("inf")
 NAN = float("nan")
@@ -70,3 +70,40 @@ def adversarial_scores(T: int, E: int, seed: int) -> torch.Tensor:
     return s
 
 
+LAYER_FAMILIES = {  # one MoE layer per weight family: (RoutingConfig keywords, bias scale or None)
+    "softmax_norm": (dict(top_k=2, max_extra=2), None),
+    "softmax_grouped": (dict(top_k=4, max_extra=3, renormalize=False, num_expert_group=4, topk_group=2), None),
+    "sigmoid_bias": (dict(top_k=8, max_extra=4, scoring_func="sigmoid", num_expert_group=4, topk_group=2,
+                          routed_scaling_factor=2.5), 0.1),
+    "k1_m0": (dict(top_k=1, max_extra=0), None),
+    "sqrtsoftplus_bias": (dict(top_k=6, max_extra=2, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5), 0.1),
+    "topk_sigmoid": (dict(top_k=1, max_extra=2, scoring_func="topk_sigmoid", renormalize=False), None),
+}
+# The Triton kernel and the fused CPU path decide the band on the same float32
+# gaps as the reference, so ids, order, capped, margins and gaps are equal
+# exactly. Weights: they take exp/log in float32 where the reference uses
+# float64 (for batch invariance on the CPU); each of the few float32 operations
+# on a weight in [0, 1] is off by at most an ulp (6e-8), and the smooth step
+# amplifies its input's error by at most ~10 near the band's edge: 1e-6 covers it.
+WEIGHT_ATOL = 1e-6
+
+
+def layer_cases(shapes):
+    """(T, E, family) for each shape and each LAYER_FAMILIES entry that can route E experts."""
+    def fits(family, E):
+        try:
+            RoutingConfig(**LAYER_FAMILIES[family][0]).check_num_experts(E)
+            return True
+        except ValueError:
+            return False
+
+    return [(T, E, f) for T, E in shapes for f in LAYER_FAMILIES if fits(f, E)]
+
+
+def assert_matches(out, out_gaps, ref, ref_gaps, scale=1.0):
+    assert torch.equal(out.ids, ref.ids)
+    assert torch.equal(out.order, ref.order) and torch.equal(out.capped, ref.capped)
+    assert torch.equal(out.margin, ref.margin)
+    assert torch.equal(out_gaps.gaps, ref_gaps.gaps) and torch.equal(out_gaps.cap_gap, ref_gaps.cap_gap)
+    torch.testing.assert_close(out.weights, ref.weights, atol=WEIGHT_ATOL * scale, rtol=0)
+    assert torch.isfinite(out.weights).all()

@@ -9,46 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from smoothsmoe_kernels import RoutingConfig, StatsLayout, accumulate
 from smoothsmoe_kernels.routing import route_with_gaps
 from smoothsmoe_kernels.routing_triton import smooth_topk_triton
-from tests.kernels.cases import adversarial_scores, call, routing_case
+from tests.kernels.cases import LAYER_FAMILIES as FAMILIES
+from tests.kernels.cases import WEIGHT_ATOL, adversarial_scores, assert_matches, call, layer_cases, routing_case
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(0, 8), (1, 8), (33, 60), (130, 128), (40, 256)]  # (T, E): empty, single, odd, E not a power of 2, 256
-FAMILIES = {
-    "softmax_norm": (dict(top_k=2, max_extra=2), None),
-    "softmax_grouped": (dict(top_k=4, max_extra=3, renormalize=False, num_expert_group=4, topk_group=2), None),
-    "sigmoid_bias": (dict(top_k=8, max_extra=4, scoring_func="sigmoid", num_expert_group=4, topk_group=2,
-                          routed_scaling_factor=2.5), 0.1),
-    "k1_m0": (dict(top_k=1, max_extra=0), None),
-    "sqrtsoftplus_bias": (dict(top_k=6, max_extra=2, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5), 0.1),
-    "topk_sigmoid": (dict(top_k=1, max_extra=2, scoring_func="topk_sigmoid", renormalize=False), None),
-}
-# Both compute in float32 and decide the band on the same float32 gaps, so
-# ids, order, capped, margins and gaps are equal exactly. Weights: the kernel
-# takes exp/log in float32 where the reference uses float64 (for batch
-# invariance on the CPU); each of the few float32 operations on a weight in
-# [0, 1] is off by at most an ulp (6e-8), and the smooth step amplifies its
-# input's error by at most ~10 near the band's edge: 1e-6 covers it.
-WEIGHT_ATOL = 1e-6
-
-
-def assert_matches(out, out_gaps, ref, ref_gaps, scale=1.0):
-    assert torch.equal(out.ids, ref.ids)
-    assert torch.equal(out.order, ref.order) and torch.equal(out.capped, ref.capped)
-    assert torch.equal(out.margin, ref.margin)
-    assert torch.equal(out_gaps.gaps, ref_gaps.gaps) and torch.equal(out_gaps.cap_gap, ref_gaps.cap_gap)
-    torch.testing.assert_close(out.weights, ref.weights, atol=WEIGHT_ATOL * scale, rtol=0)
-    assert torch.isfinite(out.weights).all()
-
-
-def fits(family, E):
-    try:
-        RoutingConfig(**FAMILIES[family][0]).check_num_experts(E)
-        return True
-    except ValueError:
-        return False
-
-
-CASES = [(T, E, f) for T, E in SHAPES for f in FAMILIES if fits(f, E)]
+CASES = layer_cases(SHAPES)
 
 
 @pytest.mark.parametrize("T,E,family", CASES)
