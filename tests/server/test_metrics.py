@@ -7,7 +7,7 @@ import time
 
 import openai
 import pytest
-from smoothsmoe_server.api.app import SNAPSHOT_MAX_AGE_S
+from smoothsmoe_server.api.middleware import SNAPSHOT_MAX_AGE_S
 from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME as MODEL
 from smoothsmoe_server.models.default_model import NUM_EXPERTS, NUM_LAYERS, TOP_K
