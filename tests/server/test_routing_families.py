@@ -6,10 +6,11 @@ bias (grouped or not) against vLLM's CPU router functions.
 Llama 4 passes a custom routing function (top-k of the logits, then a sigmoid
 of each): the plugin recognises it by what it computes, and our family equals
 it at eps -> 0, in the torch reference and the Triton kernel. DeepSeek-V4's
-sqrt-softplus routing runs on vLLM's CPU build only through an AVX512 kernel
-(biased_topk_cpu); where the CPU has none, that comparison is skipped and the
-family is checked against the formula of vLLM's docstring instead
-(tests/kernels/test_routing.py, test_eps_to_zero_is_stock_topk).
+sqrt-softplus routing runs on vLLM's CPU build only through a kernel for CPUs
+with AVX512-BF16 (biased_topk_cpu), at the expert counts it was compiled for;
+on other CPUs that comparison is skipped, saying so, and the family is checked
+against the formula of vLLM's docstring instead (tests/kernels/test_routing.py,
+test_eps_to_zero_is_stock_topk).
 """
 
 from __future__ import annotations
@@ -159,23 +160,46 @@ def test_detection_reads_how_vllm_would_route_the_layer(vllm_config, caplog):
     assert "not one of the spec's families" in routing_config(factory_args(scoring_func="relu"), 2)[1]
 
 
-def test_sqrtsoftplus_at_eps_zero_equals_vllm_cpu_routing():
-    if not hasattr(torch.ops._C, "biased_topk_cpu"):
-        from vllm.platforms import current_platform
+# (experts, top_k) that vLLM 0.32's biased_topk_cpu takes: its dispatch table (csrc/cpu/sgl-kernels/topk.cpp,
+# biased_topk_cpu) compiles 64, 128 and 384 experts at top-6 and top-8, and 256 at 6, 8 and 9 (DeepSeek-V4:
+# 256 at 6); any other shape raises "unsupported num_experts". The cases below cover every expert count.
+BIASED_TOPK_SHAPES = [(64, 6), (128, 8), (256, 6), (256, 9), (384, 8)]
 
-        current_platform.import_kernels()
-    if not hasattr(torch.ops._C, "biased_topk_cpu"):
-        pytest.skip("vLLM's sqrt-softplus CPU routing (biased_topk_cpu) is an AVX512 kernel; this CPU has none")
+
+def vllm_cpu_biased_topk():
+    """vLLM's sqrt-softplus router where this CPU runs its kernel, else None and why not.
+
+    vLLM 0.32's CPU build ships three kernel libraries and loads one by the CPU's flags
+    (CpuPlatform.import_kernels): vllm/_C where torch.cpu._is_avx512_bf16_supported(), else
+    _C_AVX512 or _C_AVX2; only _C has biased_topk_cpu. So the kernel must be there exactly
+    where AVX512-BF16 is: a CPU with it that lacks the op fails here, one without it skips.
+    """
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    if not torch.cpu._is_avx512_bf16_supported():
+        avx512 = "AVX512 without BF16" if torch.cpu._is_avx512_supported() else "no AVX512"
+        return None, f"vLLM builds biased_topk_cpu (sqrt-softplus routing) only for AVX512-BF16 CPUs; this one has {avx512}"
+    assert hasattr(torch.ops._C, "biased_topk_cpu"), "an AVX512-BF16 CPU, yet vLLM's _C has no biased_topk_cpu"
     from vllm.model_executor.layers.fused_moe.router.cpu_router import _sqrtsoftplus_bias_topk
 
-    torch.manual_seed(0)
-    # 64 experts: vLLM 0.32's kernel takes 64, 128, 256 or 384 ("unsupported num_experts" for 16, 32, 160, 512)
-    logits, bias = torch.randn(200, 64) * 2, torch.randn(64) * 0.1
-    w, ids = _sqrtsoftplus_bias_topk(logits, 6, True, bias, 1.5, None, None)
-    ours = route(logits, RoutingConfig(top_k=6, max_extra=2, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5),
+    return _sqrtsoftplus_bias_topk, None
+
+
+@pytest.mark.parametrize("E,K", BIASED_TOPK_SHAPES)
+def test_sqrtsoftplus_at_eps_zero_equals_vllm_cpu_routing(E, K):
+    vllm_route, why_not = vllm_cpu_biased_topk()
+    if vllm_route is None:
+        pytest.skip(why_not)
+    torch.manual_seed(E + K)
+    logits, bias = torch.randn(200, E) * 2, torch.randn(E) * 0.1
+    w, ids = vllm_route(logits, K, True, bias, 1.5, None, None)
+    ours = route(logits, RoutingConfig(top_k=K, max_extra=2, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5),
                  0.0, bias)
-    got_ids, got_w = by_expert(ours.ids[:, :6], ours.weights[:, :6])
+    got_ids, got_w = by_expert(ours.ids[:, :K], ours.weights[:, :K])
     ref_ids, ref_w = by_expert(ids, w)
+    # Random fp32 logits have no ties, so the order-free comparison is exact for ids. The kernel's
+    # exp and log are AVX512 approximations (exp_u20), hence 1e-5 on weights that sum to 1.5.
     assert torch.equal(got_ids, ref_ids) and (got_w - ref_w).abs().max() <= 1e-5
 
 
