@@ -13,7 +13,9 @@ is what to read.
            CUDA also times our kernel at the stock and the smoothed ids, vLLM's
            fused_experts at the stock ids where vLLM is importable, the whole
            layer (routing + experts) smoothed against stock, eager and (T <= 512)
-           captured in CUDA graphs, and the fraction of the roofline.
+           captured in CUDA graphs, and the fraction of the roofline. On the
+           CPU then bench_experts_cpu: vLLM's CPU experts op padded to the
+           smoothed width against active pairs only (experts_by_width).
   stages   on a GPU: where a decode-sized smoothed layer spends its time, each
            stage captured in a CUDA graph: stock routing (torch), our routing
            kernel as the server runs it (counting, its calibration recorder
@@ -279,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
         bench_routing(device, getattr(torch, args.dtype or "float32"), args.max_extra)
     elif args.what == "experts":
         bench_experts(device, getattr(torch, args.dtype or "bfloat16"), args.max_extra)
+        if device.type == "cpu":
+            from smoothsmoe_kernels.bench_experts_cpu import bench_experts_cpu
+
+            bench_experts_cpu(getattr(torch, args.dtype or "bfloat16"), args.max_extra)
     elif args.what == "stages":
         bench_stages(device, getattr(torch, args.dtype or "bfloat16"), args.max_extra)
     else:

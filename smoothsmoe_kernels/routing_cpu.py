@@ -28,16 +28,17 @@ What differs from the reference, and why:
   exp(nan_to_num(NaN)) = 1 on every slot, so k top-k slots at multiplier 1 and
   inactive extras normalize to 1/k each: the spec's fallback falls out of the
   same arithmetic.
-- Counting as the Triton kernel counts (stats.accumulate is the reference):
-  the head of the stats layout as one sum over tokens, tokens per expert with
-  one index_add_. No Python branch on data anywhere: Dynamo traces the whole
-  step into one graph (tests/kernels/test_routing_cpu.py compiles it with
-  fullgraph=True), and no stack or cat, whose pieces inductor would keep as
-  buffers of their own.
+- Counting in one index_add_ of 7 + W (where, what) pairs per token
+  (stats.accumulate is the reference). No Python branch on data anywhere:
+  Dynamo traces the whole step into one graph (tests/kernels/
+  test_routing_cpu.py compiles it with fullgraph=True), and no stack or cat,
+  whose pieces inductor would keep as buffers of their own.
 
-Written for a compiled graph: eagerly it is about a hundred small torch ops,
-barely faster than the reference; compiled, inductor fuses them into two
-kernels around one topk. Figures: `python -m smoothsmoe_kernels.bench routing` on the CPU.
+Written for a compiled graph: eagerly it is about 120 small torch ops, as
+slow as the reference at decode sizes and slower at thousands of tokens (the
+keys are built in unfused passes); compiled, inductor fuses them into two
+kernels around one topk. Figures: `python -m smoothsmoe_kernels.bench routing`
+on the CPU.
 """
 
 from __future__ import annotations
@@ -228,31 +229,29 @@ def _weights(config: RoutingConfig, x, zs, z_all, sig, idx, mult) -> torch.Tenso
 
 def _count(stats: torch.Tensor, layout: StatsLayout, result: RoutingResult, slot_active: torch.Tensor,
            valid: torch.Tensor | None) -> None:
-    """Add the step's counts to `stats` (stats.accumulate, the reference, counts the same).
+    """Add the step's counts to `stats` with one index_add_ (stats.accumulate, the reference, counts the same).
 
-    The head of the layout (tokens .. margin histogram) as one sum over tokens
-    of a row of contributions per token, as the Triton kernel does; the
-    tokens per expert with one index_add_ over the slots.
+    Per token 7 + W (where, what) pairs, written against the column number c
+    (no stack or cat: under torch.compile each piece of one would be a buffer
+    of its own): c = 0..4 the head (tokens, active, extras, capped, margin
+    sum; a margin of float max has no (k+1)-th candidate, so adds 0), c = 5
+    the hit of the token's order (a 0 for order 0), c = 6 its margin bucket,
+    c = 7 + j slot j's expert (a 0 for an inactive slot).
     """
-    K = layout.top_k
-    col = _head_columns(layout, stats.device)  # [HEAD] int64: 0 .. expert_topk.start - 1
+    K, H0, B0 = layout.top_k, layout.hits.start, layout.margin_buckets.start
+    col, slot_base = _count_columns(layout, stats.device)  # [7 + W] each
     order = result.order.unsqueeze(-1)  # [T, 1]
     margin = result.margin.unsqueeze(-1)
     bucket = (margin > layout.edges_on(stats.device)).sum(-1, keepdim=True)  # edges[i-1] < m <= edges[i]
-    # A row per token over the head, written against the column numbers (no stack or cat: under
-    # torch.compile each piece of one would be a buffer of its own): tokens, active, extras, capped,
-    # margin sum (a margin of float max has no (k+1)-th candidate), its order's hit (none for order 0),
-    # its margin bucket.
-    rows = ((col == 0) + (col == 1) * (K + order) + (col == 2) * order + (col == 3) * result.capped.unsqueeze(-1)
-            + (col == 4) * torch.where(margin < FMAX, margin, 0.0)
-            + ((col == layout.hits.start - 1 + order) & (order > 0)) + (col == layout.margin_buckets.start + bucket))
-    slots = slot_active
+    ids = F.pad(result.ids.clamp(min=0), (7, 0))  # [T, 7 + W]: slot j under column 7 + j
+    where = torch.where(col < 5, col, torch.where(col == 5, H0 - 1 + order.clamp(min=1),
+                                                  torch.where(col == 6, B0 + bucket, slot_base + ids)))
+    what = torch.where(col == 0, 1.0, torch.where(col == 1, K + order, torch.where(col == 2, order, 0)))
+    what = what + (col == 3) * result.capped.unsqueeze(-1) + (col == 4) * torch.where(margin < FMAX, margin, 0.0)
+    what = what + (col == 5) * (order > 0) + (col == 6) + F.pad(slot_active, (7, 0))  # [T, 7 + W]
     if valid is not None:
-        rows = rows * valid.unsqueeze(-1)
-        slots = slots & valid.unsqueeze(-1)
-    stats[: col.shape[0]] += rows.double().sum(0)
-    where = result.ids.clamp(min=0) + _slot_offsets(layout, stats.device)  # [T, W]; inactive slots add 0
-    stats.index_add_(0, where.view(-1), slots.double().view(-1))
+        what = what * valid.unsqueeze(-1)
+    stats.index_add_(0, where.view(-1), what.double().view(-1))
 
 
 @lru_cache(maxsize=64)
@@ -262,13 +261,7 @@ def _slot_is_topk(K: int, W: int, device: torch.device) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _head_columns(layout: StatsLayout, device: torch.device) -> torch.Tensor:
-    """[expert_topk.start] int64: the head's column numbers (a per-device constant)."""
-    return torch.arange(layout.expert_topk.start, device=device)
-
-
-@lru_cache(maxsize=64)
-def _slot_offsets(layout: StatsLayout, device: torch.device) -> torch.Tensor:
-    """[W] int64: where slot j's expert counts start, top-k slots then extra slots (a per-device constant)."""
-    slot = torch.arange(layout.top_k + layout.max_extra, device=device)
-    return torch.where(slot < layout.top_k, layout.expert_topk.start, layout.expert_extra.start)
+def _count_columns(layout: StatsLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([7 + W] column numbers, [7 + W] where each slot column's expert counts start) int64, per device."""
+    col = torch.arange(7 + layout.top_k + layout.max_extra, device=device)
+    return col, torch.where(col < 7 + layout.top_k, layout.expert_topk.start, layout.expert_extra.start)

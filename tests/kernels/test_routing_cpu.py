@@ -139,3 +139,34 @@ def test_inductor_compiled_matches_reference():
         assert_matches(out, gaps, ref, ref_gaps)
         accumulate(ref_stats, layout, ref)
     torch.testing.assert_close(stats, ref_stats, rtol=1e-12, atol=0)
+
+
+def test_the_servers_cpu_step_with_online_eps_is_one_graph():
+    """Route, count and the online eps controller's step (what a layer runs each step with
+    --smooth-eps online) trace into one graph, and move eps as the same step run eagerly does."""
+    from smoothsmoe_kernels.eps_control import EpsControl, EpsController
+
+    torch._dynamo.reset()
+    config, layout = RoutingConfig(top_k=4, max_extra=2), StatsLayout(4, 2, 16)
+
+    def layer():
+        eps, stats = torch.tensor(0.05), layout.new_buffer()
+        controller = EpsController(EpsControl(budget=0.5, window=64), eps, stats)
+        controller.arm()
+        return eps, stats, controller
+
+    eager_state, compiled_state = layer(), layer()
+
+    def step(scores, eps, stats, controller):
+        out, _ = smooth_topk_cpu(scores, config, eps, stats=stats)
+        controller.step()
+        return out.weights, out.ids
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="eager")
+    for i in range(12):  # windows of 64 tokens close along the way: eps moves toward the budget
+        scores = torch.randn(40, 16, generator=torch.Generator().manual_seed(i))
+        a = step(scores, *eager_state)
+        b = compiled(scores, *compiled_state)
+        assert torch.equal(a[1], b[1])
+        assert torch.equal(eager_state[0], compiled_state[0]) and torch.equal(eager_state[1], compiled_state[1])
+    assert int(compiled_state[2].updates) >= 5 and float(compiled_state[0]) > 0.05  # eps rose toward the budget
