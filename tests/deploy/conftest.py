@@ -63,7 +63,7 @@ def torch_cpu_wheel(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("wheels")
     pin = install_pins("cpu")[0]
     p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest), pin],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, f"this machine's pip has no {pin} to serve: {p.stderr[-2000:]}"
     (wheel,) = dest.glob("torch-*.whl")
     return wheel

@@ -15,6 +15,7 @@ import urllib.parse
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 
 def _page(links: dict[str, str]) -> str:
@@ -52,14 +53,14 @@ class WheelIndex:
         index = self
 
         class Handler(SimpleHTTPRequestHandler):
-            def log_message(self, format, *args):  # noqa: A002 (http.server's name)
+            def log_message(self, format, *args):  # http.server's signature
                 index.requested.append(urllib.parse.unquote(self.path))
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> WheelIndex:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -78,7 +79,7 @@ class SilentPort:
         self._socket.listen(64)  # the kernel completes the handshakes; nothing ever reads or replies
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}/"
 
-    def __enter__(self) -> SilentPort:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -179,7 +179,7 @@ def vllm_cpu_biased_topk():
     current_platform.import_kernels()
     if not torch.cpu._is_avx512_bf16_supported():
         avx512 = "AVX512 without BF16" if torch.cpu._is_avx512_supported() else "no AVX512"
-        return None, f"vLLM builds biased_topk_cpu (sqrt-softplus routing) only for AVX512-BF16 CPUs; this one has {avx512}"
+        return None, f"vLLM builds biased_topk_cpu (sqrt-softplus routing) for AVX512-BF16 CPUs; this one has {avx512}"
     assert hasattr(torch.ops._C, "biased_topk_cpu"), "an AVX512-BF16 CPU, yet vLLM's _C has no biased_topk_cpu"
     from vllm.model_executor.layers.fused_moe.router.cpu_router import _sqrtsoftplus_bias_topk
 
