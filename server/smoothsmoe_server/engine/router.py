@@ -17,6 +17,7 @@ as vLLM's own MoE op finds its layer.
 from __future__ import annotations
 
 import torch
+from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
@@ -103,6 +104,10 @@ class SmoothRouter(CountedRouter):
             raise ValueError(f"{plan.prefix} is planned stock ({plan.reason}): a CountingRouter counts it")
         super().__init__(plan, plan.config.width, eps, correction_bias, device, options)
         self.backend = backend
+        # Off CUDA on one rank, routing is traced into vLLM's compiled graph (route_traced). With
+        # tensor parallelism (TP=2 measured) the counts made there never reached the stats buffer
+        # (all 0 in /metrics; cause not found), so several ranks keep the op.
+        self.traced = resolve_routing_backend(backend, device) == "cpu" and _one_rank()
         # --smooth-eps online: moves self.eps to hold the budget (armed after calibration)
         self.controller = EpsController(
             EpsControl(options.budget, options.eps_window, eps_range=options.eps_range), self.eps,
@@ -114,7 +119,7 @@ class SmoothRouter(CountedRouter):
         return RoutingMethodType.Custom
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
-        if resolve_routing_backend(self.backend, router_logits.device) == "cpu":
+        if self.traced:
             return self.route_traced(router_logits)
         return torch.ops.smoothsmoe.route(router_logits, self.layer_name, self.config.width)
 
@@ -127,7 +132,8 @@ class SmoothRouter(CountedRouter):
         smooth_topk_cpu has no data-dependent Python (tests/kernels/test_routing_cpu.py compiles it
         whole), so inductor fuses it into the graph: 3.0 to 3.6 ms a token. Its counts and the band
         gaps go to the same buffers in place (eps and the recorder's flag are tensors: setting them
-        needs no re-trace). vLLM pads no rows on the CPU, so every row is counted.
+        needs no re-trace). vLLM pads no rows on the CPU, so every row is counted. One rank only
+        (see __init__).
         """
         result, _ = smooth_topk_cpu(router_logits, self.config, self.eps, self.correction_bias,
                                     stats=self.counters.stats, recorder=self.counters.recorder)
@@ -215,6 +221,18 @@ def _real_rows(T: int, device: torch.device) -> torch.Tensor | None:
         return None
     is_padding = get_forward_context().is_padding
     return None if is_padding is None else ~is_padding[:T].to(device)
+
+
+def _one_rank() -> bool:
+    """Whether the layer is built for one rank (no tensor or pipeline parallelism).
+
+    vLLM builds layers inside its config context; a router built outside one (tests that build a
+    router alone) has no parallelism to speak of. vLLM 0.32 asserts when no config is current.
+    """
+    try:
+        return get_current_vllm_config().parallel_config.world_size == 1
+    except AssertionError:
+        return True
 
 
 def _router(layer_name: str):
