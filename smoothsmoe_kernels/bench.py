@@ -39,18 +39,12 @@ from smoothsmoe_kernels.config import RoutingConfig
 from smoothsmoe_kernels.gap_recorder import GapRecorder
 from smoothsmoe_kernels.routing import route
 from smoothsmoe_kernels.stats import StatsLayout
+from smoothsmoe_kernels.stock_routing import stock_topk_softmax
 from smoothsmoe_kernels.timing import GRAPH_MAX_T, device_name, graph_time_us, time_us
 
 # (E, K): Mixtral-8x7B, OLMoE-1B-7B, Qwen3-30B-A3B, DeepSeek-V3 (without grouping here)
 ROUTING_SHAPES = [(8, 2), (64, 8), (128, 8), (256, 8)]
 TOKENS = [1, 16, 256, 1024, 4096, 16384]
-
-
-def stock_topk_softmax(scores: torch.Tensor, k: int):
-    """The baseline: vLLM's stock softmax routing with renormalization."""
-    probs = torch.softmax(scores.float(), dim=-1)
-    weights, ids = probs.topk(k, dim=-1)
-    return weights / weights.sum(-1, keepdim=True), ids.to(torch.int32)
 
 
 def bench_routing(device: torch.device, dtype: torch.dtype, max_extra: int) -> None:

@@ -99,7 +99,7 @@ def _baseline():
     try:
         from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
     except ImportError as e:
-        from smoothsmoe_kernels.bench import stock_topk_softmax
+        from smoothsmoe_kernels.stock_routing import stock_topk_softmax
 
         def torch_stock(E, config, bias):
             return lambda s: stock_topk_softmax(s, config.top_k)
