@@ -6,12 +6,14 @@ layer its LayerPlan keeps stock). Both are CountedRouters, made from the layer's
 plan: each owns its layer's statistics buffer, allocated once on the device and
 updated in place, so counting survives torch.compile and needs no host sync.
 
-vLLM's CPU backend traces the router into its compiled graph. Our routing and
-counting run inside custom ops instead (`smoothsmoe::route`,
-`smoothsmoe::count`): opaque to the compiler, they run eagerly every step, so
-a new eps or the start of a calibration is seen at once, never frozen into a
-graph. The ops find their router through vLLM's forward context, by layer name,
-as vLLM's own MoE op finds its layer.
+vLLM's CPU backend traces the router into its compiled graph. A smoothed layer on
+one CPU rank lets it: SmoothRouter.route_traced is plain torch ops (routing_cpu)
+with eps and the recorder's flag as tensors, so a new eps or the start of a
+calibration is seen without a re-trace. Elsewhere (CUDA, several ranks, stock
+layers) routing and counting run inside custom ops (`smoothsmoe::route`,
+`smoothsmoe::count`): opaque to the compiler, they run eagerly every step. The
+ops find their router through vLLM's forward context, by layer name, as vLLM's
+own MoE op finds its layer.
 """
 
 from __future__ import annotations
