@@ -122,6 +122,35 @@ def smooth_topk_cpu(
     return result, band
 
 
+def count_stock_cpu(scores: torch.Tensor, ids: torch.Tensor, config: RoutingConfig, stats: torch.Tensor,
+                    correction_bias: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> None:
+    """Count a stock top-k routing into `stats`, in torch ops that torch.compile traces (no graph break).
+
+    scores [T, E] (any float dtype), ids [T, k] (any int dtype: the stock router's choice, e.g.
+    vLLM's CPURouter), stats the layer's float64 buffer in StatsLayout(config.top_k, 0, E) layout,
+    valid [T] bool or None. Adds what stats.accumulate(stock_result(...)) adds (the reference;
+    tests/kernels/test_routing_cpu.py compares them): order 0, nothing capped, the margin z(k) -
+    z(k+1) of the selection scores. The margin is read from a top-(k+1) of the same selection
+    scores the routing uses (ties do not change the k-th and (k+1)-th values).
+
+    Raises ValueError for a config with max_extra > 0 (a stock layer has no extras) or ids that are
+    not [T, k].
+    """
+    K = config.top_k
+    if config.max_extra != 0 or ids.dim() != 2 or ids.shape[1] != K or scores.dim() != 2:
+        raise ValueError(f"stock counting takes [T, E] scores and [T, {K}] ids at max_extra 0, got "
+                         f"{tuple(scores.shape)}, {tuple(ids.shape)}, max_extra={config.max_extra}")
+    E = scores.shape[1]
+    z, _, _ = _selection_scores(scores.float(), config, correction_bias)
+    zs, _ = _top_lower_index(z, K + 1)  # [T, K+1], -inf past E: then the margin is FMAX, as route() gives it
+    T = ids.shape[0]
+    order = torch.zeros(T, dtype=torch.int32, device=ids.device)  # sized by the batch, not by data
+    result = RoutingResult(ids=ids.to(torch.int32), weights=torch.zeros(ids.shape, device=ids.device), order=order,
+                           capped=order.bool(), margin=torch.nan_to_num(zs[:, K - 1] - zs[:, K], nan=0.0, posinf=FMAX))
+    active = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    _count(stats, StatsLayout(K, 0, E), result, active, valid)
+
+
 def _selection_scores(x: torch.Tensor, config: RoutingConfig, bias: torch.Tensor | None):
     """(z, z_all, sig): selection scores [T, E] float32 after group masking and before it, weight source.
 

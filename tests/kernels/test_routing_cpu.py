@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 
 from smoothsmoe_kernels import RoutingConfig, StatsLayout, accumulate, route_and_count, smooth_topk
 from smoothsmoe_kernels.gap_recorder import GapRecorder
-from smoothsmoe_kernels.routing import route_with_gaps
-from smoothsmoe_kernels.routing_cpu import smooth_topk_cpu
+from smoothsmoe_kernels.routing import route_with_gaps, stock_result
+from smoothsmoe_kernels.routing_cpu import count_stock_cpu, smooth_topk_cpu
 from tests.kernels.cases import FAMILIES as CASE_FAMILIES
 from tests.kernels.cases import LAYER_FAMILIES as FAMILIES
 from tests.kernels.cases import WEIGHT_ATOL, adversarial_scores, assert_matches, call, layer_cases, routing_case
@@ -170,3 +170,31 @@ def test_the_servers_cpu_step_with_online_eps_is_one_graph():
         assert torch.equal(a[1], b[1])
         assert torch.equal(eager_state[0], compiled_state[0]) and torch.equal(eager_state[1], compiled_state[1])
     assert int(compiled_state[2].updates) >= 5 and float(compiled_state[0]) > 0.05  # eps rose toward the budget
+
+
+@pytest.mark.parametrize("T,E,family", CASES)
+def test_stock_counts_match_the_reference(T, E, family):
+    """count_stock_cpu (a stock layer's counting traced into vLLM's CPU graph) adds what the reference adds."""
+    kw, bias_scale = FAMILIES[family]
+    config = RoutingConfig(**{**kw, "max_extra": 0})
+    _, scores, bias = layer_inputs(T, E, family)
+    ids = stock_ids(scores, config, bias)
+    layout = StatsLayout(config.top_k, 0, E)
+    stats, ref_stats = layout.new_buffer(), layout.new_buffer()
+    valid = torch.arange(T) % 3 != 2
+    count_stock_cpu(scores, ids, config, stats, bias, valid)
+    accumulate(ref_stats, layout, stock_result(scores, ids, config, bias), valid)
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-12, atol=0)
+    if (T, E) != (33, 60):  # compiled once a family: a compile costs seconds
+        return
+    torch._dynamo.reset()  # each case is a new closure over the same code: a recompile each, past Dynamo's limit
+    compiled = torch.compile(lambda s, i: count_stock_cpu(s, i, config, stats, bias), fullgraph=True, dynamic=True)
+    stats.zero_(), ref_stats.zero_()
+    compiled(scores, ids)
+    accumulate(ref_stats, layout, stock_result(scores, ids, config, bias))
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-12, atol=0)
+
+
+def stock_ids(scores, config, bias):
+    """[T, k] ids a stock router would choose: the reference at max_extra 0 (a valid top-k choice)."""
+    return route_with_gaps(scores, config, 0.0, bias)[0].ids

@@ -9,8 +9,9 @@ updated in place, so counting survives torch.compile and needs no host sync.
 vLLM's CPU backend traces the router into its compiled graph. A smoothed layer on
 one CPU rank lets it: SmoothRouter.route_traced is plain torch ops (routing_cpu)
 with eps and the recorder's flag as tensors, so a new eps or the start of a
-calibration is seen without a re-trace. Elsewhere (CUDA, several ranks, stock
-layers) routing and counting run inside custom ops (`smoothsmoe::route`,
+calibration is seen without a re-trace; a CountingRouter's counting is traced there too, beside
+vLLM's routing (routing_cpu.count_stock_cpu). Elsewhere (CUDA, several ranks) routing and
+counting run inside custom ops (`smoothsmoe::route`,
 `smoothsmoe::count`): opaque to the compiler, they run eagerly every step. The
 ops find their router through vLLM's forward context, by layer name, as vLLM's
 own MoE op finds its layer.
@@ -28,7 +29,7 @@ from smoothsmoe_kernels import RoutingResult, StatsLayout, accumulate, resolve_b
 from smoothsmoe_kernels.eps_control import EpsControl, EpsController
 from smoothsmoe_kernels.gap_recorder import GapRecorder
 from smoothsmoe_kernels.routing import route_with_gaps, stock_result
-from smoothsmoe_kernels.routing_cpu import smooth_topk_cpu
+from smoothsmoe_kernels.routing_cpu import count_stock_cpu, smooth_topk_cpu
 from smoothsmoe_server.engine.layer_plan import LayerPlan
 from smoothsmoe_server.engine.snapshot import LayerSnapshot
 from smoothsmoe_server.options import SmoothingOptions
@@ -198,6 +199,9 @@ class CountingRouter(CountedRouter):
             raise ValueError(f"{plan.prefix} is planned smoothed: a SmoothRouter routes it")
         super().__init__(plan, inner.top_k, 0.0, correction_bias, device, options, eplb_state=inner.eplb_state)
         self.inner = inner
+        # As SmoothRouter: on one CPU rank the counting is traced into vLLM's graph beside vLLM's own
+        # routing (count_stock_cpu); eagerly, in the op, it cost more than the routing it counts.
+        self.traced = resolve_routing_backend("auto", device) == "cpu" and _one_rank()
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -205,6 +209,9 @@ class CountingRouter(CountedRouter):
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
         weights, ids = self.inner._compute_routing(hidden_states, router_logits, indices_type, input_ids=input_ids)
+        if self.traced:  # vLLM pads no rows on the CPU: every row is counted
+            count_stock_cpu(router_logits, ids, self.config, self.counters.stats, self.correction_bias)
+            return weights, ids
         return weights, torch.ops.smoothsmoe.count(router_logits, ids, self.layer_name)
 
     def count_now(self, router_logits: torch.Tensor, ids: torch.Tensor) -> None:
