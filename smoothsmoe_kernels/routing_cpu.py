@@ -212,7 +212,10 @@ def _top_lower_index(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
     # cap_gap); the branch fixes it.
     top = key.topk(n if E >= n else E, dim=-1, sorted=True).values  # noqa: FURB136
     idx = (-top) & 0xFFFFFFFF  # the index, back from the low 32 bits
-    vals = z.gather(1, idx)
+    # The value, back from the high 32 bits (the ordering undone; it is its own inverse), not a
+    # gather from z: inductor recomputes z's producers at every gather, in every loop that reads vals.
+    hi = ((top + idx) >> 32).to(torch.int32)
+    vals = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).view(torch.float32)
     if E >= n:
         return vals, idx
     return F.pad(vals, (0, n - E), value=NEG_INF), F.pad(idx, (0, n - E), value=-1)
