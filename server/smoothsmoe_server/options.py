@@ -53,7 +53,7 @@ class SmoothingOptions:
     experts: str = _flag("auto", "experts computation of smoothed layers: `smoothsmoe` (this project's, active "
                          "pairs only: the Triton grouped-GEMM kernel on CUDA, the torch reference elsewhere), "
                          "`vllm` (vLLM's own kernel, which also computes each inactive slot, at weight 0), "
-                         "`auto` = `smoothsmoe` on CUDA, `vllm` on the CPU")
+                         "`auto` = `smoothsmoe` on CUDA and for block-FP8 checkpoints, `vllm` on the CPU otherwise")
     model: str = ""  # the served model name, for the config info metric (not a flag)
 
     def __post_init__(self):
@@ -78,10 +78,11 @@ class SmoothingOptions:
         return self.enabled and self.eps == "online"
 
     def experts_backend(self, device_type: str) -> str:
-        """'smoothsmoe' or 'vllm' for a layer on this device; auto picks ours on CUDA only.
+        """'smoothsmoe' or 'vllm' for an unquantized layer on this device; auto picks ours on CUDA only.
 
         On the CPU vLLM's fused C++ kernel computing the padded slots is faster
         than our torch reference's loop over experts (see loadtests.throughput).
+        layer_plan.plan_layer gives block-FP8 layers ours under auto everywhere.
         """
         if self.experts != "auto":
             return self.experts

@@ -26,7 +26,7 @@ from smoothsmoe_kernels.config import BIASED_SCORING_FUNCS
 
 # Architectures served in tests/server (tiny random checkpoints, or the embedded default model).
 TESTED = {
-    "Qwen3MoeForCausalLM": "default model (every server test)",
+    "Qwen3MoeForCausalLM": "default model (every server test); block FP8: tests/server/test_fp8_served.py",
     "Qwen2MoeForCausalLM": "tests/server/test_architectures.py",
     "MixtralForCausalLM": "tests/server/test_architectures.py",
     "OlmoeForCausalLM": "tests/server/test_architectures.py",
@@ -172,7 +172,8 @@ def _decide(module: str, kw: dict[str, str]) -> tuple[str, str, str]:
             return family, "no", f"a correction bias with {scoring} scoring is not one of the spec's families"
     if _given(kw, "apply_router_weight_on_input"):  # Llama 4: only this project's experts apply them per slot
         return family, "config", ("router weights on the input: smoothed with this project's experts (the default "
-                                  "on CUDA; --smooth-experts smoothsmoe on the CPU) if the checkpoint is unquantized")
+                                  "on CUDA; --smooth-experts smoothsmoe on the CPU) if the checkpoint is "
+                                  "unquantized (FP8 ones quantize each token's input, not each pair's)")
     for name, what in STOCK_IF_GIVEN.items():
         if _given(kw, name):
             sure = _literal(kw[name]) is not None or name == "hash_indices_table"
@@ -222,11 +223,19 @@ def format_rows(rows: list[ModelRow], markdown: bool) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
+# Which checkpoints' experts this project computes (engine/layer_plan.py, quantization_reason): a property
+# of the checkpoint, not of the model class, so one line for all rows.
+EXPERTS_NOTE = ("Experts of smoothed layers (--smooth-experts; auto: this project's on CUDA and for block-FP8 "
+                "checkpoints): this project's for unquantized and block-FP8 ones (fp8 with weight_block_size, "
+                "tested in tests/server/test_fp8_served.py); other quantizations (per-tensor FP8, MXFP4, int4, ...) "
+                "keep vLLM's experts, padded, and the log says why.")
+
+
 def summary(rows: list[ModelRow]) -> str:
     count = {v: sum(r.smoothed == v for r in rows) for v in ("yes", "no", "config")}
     tested = sum(r.architecture in TESTED for r in rows)
-    return (f"{len(rows)} model classes build MoE layers: {count['yes']} smoothed, {count['no']} stock, "
-            f"{count['config']} decided by the checkpoint's config; {tested} tested")
+    return (f"{EXPERTS_NOTE}\n{len(rows)} model classes build MoE layers: {count['yes']} smoothed, {count['no']} "
+            f"stock, {count['config']} decided by the checkpoint's config; {tested} tested")
 
 
 def main(argv: list[str]) -> int:

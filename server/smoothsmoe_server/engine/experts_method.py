@@ -13,7 +13,9 @@ It takes the place of vLLM's UnquantizedFusedMoEMethod in the layer (the
 hook vLLM calls with the router's output) and keeps the weights in vLLM's
 plain loaded layout (w13 [E, 2I, H], gate rows then up rows; w2 [E, H, I]):
 it does not run vLLM's weight post-processing, which on the CPU prepacks them
-for its own kernel.
+for its own kernel. A layer of a block-FP8 checkpoint gets
+ActivePairsFp8MoEMethod (experts_method_fp8.py) in place of vLLM's
+Fp8MoEMethod in the same way; any other quantization keeps vLLM's experts.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import logging
 import torch
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+from vllm.model_executor.layers.quantization.fp8 import Fp8MoEMethod
 
 from smoothsmoe_kernels import moe_experts, resolve_backend
+from smoothsmoe_server.engine.experts_method_fp8 import ActivePairsFp8MoEMethod, fp8_unsupported_reason
 from smoothsmoe_kernels.tile_config import TUNED_DIR, device_key, load_tile_table
 
 logger = logging.getLogger("vllm.smoothsmoe")  # under "vllm": vLLM's log handlers and format
@@ -75,8 +79,14 @@ def unsupported_reason(runner) -> str | None:
     """
     experts = runner.routed_experts
     method = experts.quant_method
-    if type(method) is not UnquantizedFusedMoEMethod:
-        return f"quantized experts ({type(method).__name__})"
+    # Exact types: a subclass (another quantization's method) may load or compute otherwise.
+    if type(method) is Fp8MoEMethod:
+        why = fp8_unsupported_reason(method, bool(experts.apply_router_weight_on_input))
+        if why is not None:
+            return why
+    elif type(method) is not UnquantizedFusedMoEMethod:
+        return (f"quantized experts ({type(method).__name__}; this project's experts take unquantized and "
+                "block-FP8 ones)")
     config = experts.moe_config
     checks = (
         ("expert biases", config.has_bias),
@@ -95,19 +105,36 @@ def unsupported_reason(runner) -> str | None:
 
 
 def install(runner) -> None:
-    """Put ActivePairsMoEMethod in the layer (before its weights are loaded)."""
-    runner.routed_experts.quant_method = ActivePairsMoEMethod(runner.routed_experts.moe_config)
+    """Put ActivePairsMoEMethod (or, for vLLM's Fp8MoEMethod, ActivePairsFp8MoEMethod) in the layer,
+    after vLLM created its weights and before they are loaded (unsupported_reason None for it)."""
+    experts = runner.routed_experts
+    if type(experts.quant_method) is Fp8MoEMethod:
+        experts.quant_method = ActivePairsFp8MoEMethod(experts.quant_method)
+    else:
+        experts.quant_method = ActivePairsMoEMethod(experts.moe_config)
+
+
+def describe(runner) -> str:
+    """What computes the layer's experts, for the log: "smoothsmoe" plus the weights' format if quantized."""
+    method = runner.routed_experts.quant_method
+    blocks = getattr(method, "block_shape", None)
+    return "smoothsmoe" if blocks is None else f"smoothsmoe (FP8, {blocks[0]}x{blocks[1]} weight blocks)"
 
 
 @torch.library.custom_op("smoothsmoe::experts", mutates_args=())
 def _experts_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
-                weights: torch.Tensor, backend: str, weights_on_input: bool = False) -> torch.Tensor:
+                weights: torch.Tensor, backend: str, weights_on_input: bool = False,
+                w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                block_shape: list[int] | None = None) -> torch.Tensor:
     """The layer's expert sum over the slots with an id >= 0 (the router's -1: inactive; weights_on_input:
-    Llama 4's, each weight scaling its expert's input). An op: opaque to torch.compile, whose tracing of
-    vLLM's CPU path would otherwise meet the data-dependent pair counts."""
-    return moe_experts(x, w13, w2, ids, weights.float(), backend=backend, weights_on_input=weights_on_input)
+    Llama 4's, each weight scaling its expert's input). FP8 block-quantized experts: float8_e4m3fn w13, w2
+    with their float32 block scales and block_shape [bn, bk], as moe_experts takes them. An op: opaque to
+    torch.compile, whose tracing of vLLM's CPU path would otherwise meet the data-dependent pair counts."""
+    blocks = None if block_shape is None else tuple(block_shape)
+    return moe_experts(x, w13, w2, ids, weights.float(), backend=backend, weights_on_input=weights_on_input,
+                       w13_scale=w13_scale, w2_scale=w2_scale, block_shape=blocks)
 
 
 @_experts_op.register_fake
-def _(x, w13, w2, ids, weights, backend, weights_on_input=False):
+def _(x, w13, w2, ids, weights, backend, weights_on_input=False, w13_scale=None, w2_scale=None, block_shape=None):
     return torch.empty_like(x)

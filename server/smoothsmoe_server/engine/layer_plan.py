@@ -41,8 +41,8 @@ ROUTING_ARGUMENTS = ("num_experts", "top_k", "renormalize", "use_grouped_topk", 
 STOCK_IF_GIVEN = ("router", "enable_eplb", "num_redundant_experts", "fuse_shared_experts", "hash_indices_table",
                   "zero_expert_type", "bias_vl", "runner_cls", "runner_args")
 # They parametrize the experts computation. vLLM's experts take any value; this project's
-# compute unquantized, bias-free SiLU-and-multiply experts at the loaded size, in vLLM's own
-# RoutedExperts, so any other value keeps vLLM's experts (experts_reason). Routing does not read
+# compute bias-free SiLU-and-multiply experts, unquantized or block-FP8, at the loaded size, in
+# vLLM's own RoutedExperts, so any other value keeps vLLM's experts (experts_reason). Routing does not read
 # them: a model-supplied experts class (gpt-oss's, DBRX's: their own weight loading) computes
 # from the router's ids as vLLM's does.
 EXPERTS_ARGUMENTS = ("quant_config", "has_bias", "activation", "swiglu_limit", "swiglu_alpha", "swiglu_beta",
@@ -123,6 +123,10 @@ def plan_layer(a: Mapping[str, Any], defaults: Mapping[str, Any], options: Smoot
     """
     prefix = a["prefix"]
     wants_ours = options.experts_backend(device_type) == "smoothsmoe"
+    if options.experts == "auto" and a["quant_config"] is not None and quantization_reason(a["quant_config"]) is None:
+        # Block FP8: vLLM 0.32's CPU FP8 experts take only its own routing methods (not a custom
+        # router's), so a smoothed layer has no vLLM FP8 backend on the CPU; ours compute it anywhere.
+        wants_ours = True
     experts_why = experts_reason(a) if wants_ours else None
     config, reason = routing_config(a, options.max_extra, our_experts=wants_ours and experts_why is None)
     unknown = unknown_arguments(a, defaults)
@@ -165,8 +169,12 @@ def experts_reason(a: Mapping[str, Any]) -> str | None:
     """Why this project's experts cannot compute the layer FusedMoEFactory(**a) builds, as far as its
     arguments tell (None if they can); LayerPlan.after_build checks the built layer."""
     activation = str(getattr(a["activation"], "value", a["activation"])).lower()
+    quantized = quantization_reason(a["quant_config"])
     checks = (
-        ("quantized experts", a["quant_config"] is not None),
+        (quantized, quantized is not None),
+        # FP8 activations are quantized per token, so a weight cannot scale each pair's input first.
+        ("router weights applied to the input with quantized experts",
+         a["quant_config"] is not None and a["apply_router_weight_on_input"]),
         ("expert biases", a["has_bias"]),
         (f"activation {activation}", activation != "silu"),
         ("a SwiGLU clamp", a["swiglu_limit"] is not None),
@@ -178,6 +186,24 @@ def experts_reason(a: Mapping[str, Any]) -> str | None:
          or bool(a.get("routed_experts_args"))),
     )
     return next((why for why, unsupported in checks if unsupported), None)
+
+
+def quantization_reason(quant_config) -> str | None:
+    """Why this project's experts cannot take a layer of a checkpoint quantized by `quant_config` (vLLM's
+    QuantizationConfig, or None), as far as the config tells: they take unquantized experts and vLLM's
+    block-FP8 ones (Fp8Config with weight_block_size; dynamic activations, the only scheme vLLM allows
+    with blocks). The method vLLM builds for the layer decides the rest (experts_method.unsupported_reason):
+    a layer the config leaves unquantized (ignored_layers) is then computed as an unquantized one."""
+    if quant_config is None:
+        return None
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config  # the config classes: only when quantized
+
+    if type(quant_config) is Fp8Config and quant_config.weight_block_size is not None \
+            and quant_config.store_dtype is None:  # store_dtype "mxfp4": Fp8Config builds an MXFP4 method
+        return None
+    what = quant_config.get_name() if type(quant_config) is not Fp8Config else (
+        "fp8, per-tensor" if quant_config.weight_block_size is None else f"fp8 stored as {quant_config.store_dtype}")
+    return f"quantized experts ({what}; this project's experts take unquantized and block-FP8 ones)"
 
 
 def routing_config(a: Mapping[str, Any], max_extra: int,

@@ -101,15 +101,25 @@ def _build_smoothed(original: Callable, a: dict, plan: LayerPlan, eps_plan: EpsP
     if plan.experts_reason is not None:
         logger.warning("smoothsmoe: %s keeps vLLM's experts kernel: %s", plan.prefix, plan.experts_reason)
     built = plan.after_build(runner)
+    experts = built.experts
     if built.experts == "smoothsmoe":
         from smoothsmoe_server.engine import experts_method  # imports vLLM's experts methods: only when used
 
         experts_method.install(runner)
+        experts = experts_method.describe(runner)
     elif built is not plan:  # the built layer turned out to need vLLM's experts: a router that pads for them
         logger.warning("smoothsmoe: %s keeps vLLM's experts kernel: %s", plan.prefix, built.experts_reason)
         runner.router = SmoothRouter(built, eps, bias, device, options)
+    if built.experts == "vllm" and type(runner.routed_experts.quant_method).__name__ == "Fp8MoEMethod":
+        from smoothsmoe_server.engine.experts_method_fp8 import vllm_backend_missing
+
+        if vllm_backend_missing(runner.routed_experts.quant_method):  # say so now, not at weight loading
+            raise RuntimeError(f"smoothsmoe: {plan.prefix}: vLLM has no FP8 MoE backend for a smoothed layer here "
+                               f"(its CPU FP8 experts take only its own routers); its experts cannot compute "
+                               f"it ({built.experts_reason or '--smooth-experts vllm'}): serve it with "
+                               "--smooth-experts smoothsmoe (block FP8 only) or --no-smoothing")
     logger.info("smoothsmoe: %s smoothed, top_k %d -> width %d, experts: %s", plan.prefix, plan.config.top_k,
-                plan.config.width, built.experts)
+                plan.config.width, experts)
     return runner
 
 
