@@ -1,8 +1,9 @@
 """python -m loadtests run|compare|soak: latency and throughput under load.
 
   run      against any OpenAI-compatible URL serving the model
-  compare  starts `smoothsmoe serve` with smoothing on and off, runs the same
-           profile against each, prints both tables and their ratios
+  compare  starts `smoothsmoe serve` with smoothing on and off (and, with --stock,
+           vLLM's own server without the plugin), runs the same profile against
+           each, prints the tables and their ratios
   soak     a steady request rate for a long time (default an hour), in windows:
            memory, latency and the routing counters' check per window (soak.py);
            against --url, or a `smoothsmoe serve` it starts (then the memory of
@@ -48,6 +49,8 @@ def parse(argv):
             s.add_argument("model", nargs="?", help="model to serve (default: the embedded tiny MoE)")
             s.add_argument("--port", type=int, help="port of the servers it starts, one after the other "
                            "(default: a free one)")
+            s.add_argument("--stock", action="store_true", help="also stock vLLM (its OpenAI server, no plugin loaded) "
+                           "on the same checkpoint: the ratios against it too")
     s = sub.add_parser("soak")
     s.add_argument("--profile", choices=sorted(PROFILES), default="mixed")
     s.add_argument("--request-rate", type=float, default=4.0, help="open loop, requests/s")
@@ -90,35 +93,64 @@ def cmd_run(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from loadtests.server_process import ServerProcess, served_model, smoothsmoe_command
+    from loadtests.server_process import ServerProcess, served_model, smoothsmoe_command, stock_vllm_command
 
-    results = {}
+    results, found = {}, {}
+    model_args = [args.model] if args.model else []
+
+    def serve_and_run(name, argv, env, logs):
+        server = ServerProcess(name, argv, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env}, Path(logs),
+                               port=args.port)
+        try:
+            model, root = served_model(server.url)
+            found.setdefault("model", (model, root, max_model_len(server.url)))
+            results[name] = run_profile(server.url, model, root, PROFILES[args.profile], **common(args))
+        finally:
+            server.stop()
+        print_table(results[name], f"{args.profile}, " + ("stock vLLM" if name == "stock" else f"smoothing {name}"))
+        save(results[name], meta(args, server.url, {"smoothing": name}), args.out, f"{args.profile}-{name}")
+
     with tempfile.TemporaryDirectory() as logs:
-        for name, flags in (("off", ["--no-smoothing"]), ("on", [])):
-            argv = smoothsmoe_command("serve", *([args.model] if args.model else []), *flags)
-            server = ServerProcess(name, argv, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, Path(logs),
-                                   port=args.port)
-            try:
-                model, root = served_model(server.url)
-                results[name] = run_profile(server.url, model, root, PROFILES[args.profile], **common(args))
-            finally:
-                server.stop()
-            print_table(results[name], f"{args.profile}, smoothing {name}")
-            save(results[name], meta(args, server.url, {"smoothing": name}), args.out, f"{args.profile}-{name}")
-    print(f"# ratios on / off ({args.profile}); the goal: smoothing costs its extra (token, expert) pairs and at")
-    print(f"# most {GOAL_SLACK:.2f} more, i.e. ITL p50 <= 1 + extra pairs + {GOAL_SLACK:.2f} and req/s >= 1 / that")
+        serve_and_run("off", smoothsmoe_command("serve", *model_args, "--no-smoothing"), {}, logs)
+        if args.stock:  # the checkpoint and context length the "off" server loaded, no plugin at all
+            model, root, max_len = found["model"]
+            serve_and_run("stock", stock_vllm_command(root, "--served-model-name", model, "--max-model-len",
+                                                str(max_len)), {"VLLM_PLUGINS": ""}, logs)
+        serve_and_run("on", smoothsmoe_command("serve", *model_args), {}, logs)
+    print_ratios(results["on"], results["off"], f"on / off ({args.profile})", goal=True)
+    if args.stock:
+        print_ratios(results["off"], results["stock"], "off / stock vLLM (the counters' cost)", goal=False)
+        print_ratios(results["on"], results["stock"], "on / stock vLLM", goal=True)
+
+
+def max_model_len(url: str) -> int:
+    """The context length a running vLLM server was started with (its /v1/models card)."""
+    import httpx
+
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["max_model_len"]
+
+
+def print_ratios(rows, base_rows, title: str, goal: bool) -> None:
+    """Per load level, rows / base_rows of the latency and throughput columns; with goal, the level's
+    goal (1 + the extra pairs measured in `rows` + GOAL_SLACK on ITL p50, its inverse on req/s) and
+    whether it is met."""
+    print(f"# ratios {title}" + (f"; the goal: smoothing costs its extra (token, expert) pairs and at most "
+                                 f"{GOAL_SLACK:.2f} more,\n# i.e. ITL p50 <= 1 + extra pairs + {GOAL_SLACK:.2f} "
+                                 "and req/s >= 1 / that" if goal else ""))
     print(f"{'load':>8} {'req/s':>7} {'tok/s':>7} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8} {'e2el p99':>9}"
-          f" {'extra pairs':>11} {'goal itl':>8} {'goal req/s':>10} {'met':>4}")
-    for on, off in zip(results["on"], results["off"]):
-        ratio = {k: on[k] / off[k] if off[k] else float("nan") for k in
+          + (f" {'extra pairs':>11} {'goal itl':>8} {'goal req/s':>10} {'met':>4}" if goal else ""))
+    for row, base in zip(rows, base_rows):
+        ratio = {k: row[k] / base[k] if base[k] else float("nan") for k in
                  ("request_throughput", "output_throughput", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "e2el_p99_ms")}
-        extra = on["extra_overhead"]  # extra pairs / top-k pairs, read off /metrics during this level
-        goal_itl = 1 + extra + GOAL_SLACK
-        met = ratio["itl_p50_ms"] <= goal_itl and ratio["request_throughput"] >= 1 / goal_itl
-        print(f"{on['load']:>8} {ratio['request_throughput']:7.3f} {ratio['output_throughput']:7.3f} "
-              f"{ratio['ttft_p50_ms']:9.3f} {ratio['ttft_p99_ms']:9.3f} {ratio['itl_p50_ms']:8.3f} "
-              f"{ratio['e2el_p99_ms']:9.3f} {extra:11.3f} {goal_itl:8.3f} {1 / goal_itl:10.3f} "
-              f"{'yes' if met else 'NO':>4}")
+        line = (f"{row['load']:>8} {ratio['request_throughput']:7.3f} {ratio['output_throughput']:7.3f} "
+                f"{ratio['ttft_p50_ms']:9.3f} {ratio['ttft_p99_ms']:9.3f} {ratio['itl_p50_ms']:8.3f} "
+                f"{ratio['e2el_p99_ms']:9.3f}")
+        if goal:
+            extra = row["extra_overhead"]  # extra pairs / top-k pairs, read off /metrics during this level
+            goal_itl = 1 + extra + GOAL_SLACK
+            met = ratio["itl_p50_ms"] <= goal_itl and ratio["request_throughput"] >= 1 / goal_itl
+            line += f" {extra:11.3f} {goal_itl:8.3f} {1 / goal_itl:10.3f} {'yes' if met else 'NO':>4}"
+        print(line)
 
 
 def cmd_soak(args) -> None:

