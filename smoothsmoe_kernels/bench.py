@@ -250,8 +250,9 @@ def main(argv: list[str] | None = None) -> None:
                              "dtype there) / experts dtype (default bfloat16)")
     parser.add_argument("--max-extra", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU: torch threads (default torch's; on a machine shared with other jobs, 1 keeps "
-                             "a descheduled thread from stalling every parallel region)")
+                        help="CPU: torch threads (default torch's; routing: as many as vLLM's CPU worker would "
+                             "run with here, the CPUs less one; on a machine shared with other jobs, 1 keeps a "
+                             "descheduled thread from stalling every parallel region)")
     parser.add_argument("--no-graph", action="store_true",
                         help="routing on the CPU: eager calls only (the compiled-graph columns compile for minutes)")
     parser.add_argument("--models", default=None,
@@ -268,8 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "routing" and device.type == "cpu":
-        from smoothsmoe_kernels.bench_routing_cpu import bench_routing_cpu
+        from smoothsmoe_kernels.bench_routing_cpu import bench_routing_cpu, vllm_worker_threads
 
+        torch.set_num_threads(args.threads or vllm_worker_threads())
         bench_routing_cpu(getattr(torch, args.dtype or "bfloat16"), args.max_extra, graph=not args.no_graph)
     elif args.what == "routing":
         bench_routing(device, getattr(torch, args.dtype or "float32"), args.max_extra)

@@ -20,6 +20,8 @@ imported here only, lazily; without it the baseline is stock_topk_softmax
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from smoothsmoe_kernels import route_and_count
@@ -41,7 +43,14 @@ SHAPES = {
                           "routed_scaling_factor": 2.5}, 1e-3),
 }
 # vLLM's CPU backend compiles with these inductor options (vllm/platforms/cpu.py)
-VLLM_CPU_INDUCTOR = {"dce": True, "size_asserts": False, "nan_asserts": False, "epilogue_fusion": True}
+VLLM_CPU_INDUCTOR = {"dce": True, "size_asserts": False, "nan_asserts": False, "epilogue_fusion": True,
+                     "cpp.dynamic_threads": True}
+
+
+def vllm_worker_threads() -> int:
+    """The OpenMP threads vLLM 0.32's CPU worker runs with here, one rank on one NUMA node: the CPUs this
+    process may use less the one it reserves for the engine core's scheduler (vllm/utils/ompmultiprocessing.py)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def bench_routing_cpu(dtype: torch.dtype, max_extra: int, graph: bool = True) -> None:
