@@ -77,11 +77,18 @@ class SmoothingOptions:
         """eps adapts to traffic (--smooth-eps online), with smoothing on."""
         return self.enabled and self.eps == "online"
 
+    # What the log says of a layer that `auto` gave vLLM's experts on the CPU.
+    AUTO_CPU_EXPERTS_WHY = ("auto on the CPU: vLLM's kernel computes the inactive slots at weight 0, measured faster "
+                            "than active pairs only, whether through vLLM's op one call per active width or this "
+                            "project's torch experts, at 1 to 8192 tokens a step (python -m smoothsmoe_kernels.bench "
+                            "experts measures it on this machine)")
+
     def experts_backend(self, device_type: str) -> str:
         """'smoothsmoe' or 'vllm' for an unquantized layer on this device; auto picks ours on CUDA only.
 
         On the CPU vLLM's fused C++ kernel computing the padded slots is faster
-        than our torch reference's loop over experts (see loadtests.throughput).
+        than our torch reference's loop over experts (see loadtests.throughput) and than
+        active pairs through vLLM's own op, one call per active width (AUTO_CPU_EXPERTS_WHY).
         layer_plan.plan_layer gives block-FP8 layers ours under auto everywhere.
         """
         if self.experts != "auto":

@@ -64,6 +64,9 @@ def test_every_smoothed_layer_uses_our_experts(ours_server, smooth_server):
     assert eps == layer_eps(smooth_server.url)
     assert layer_experts(ours_server.url) == dict.fromkeys(eps, "smoothsmoe")
     assert layer_experts(smooth_server.url) == dict.fromkeys(eps, "vllm")  # auto on the CPU
+    said = [line for line in smooth_server.log_path.read_text(errors="replace").splitlines()
+            if "smoothed, top_k 4 -> width 6, experts: vllm (auto on the CPU: vLLM's kernel computes" in line]
+    assert len(said) == len(eps), said  # the log says why auto chose vLLM's experts, layer by layer
 
 
 def test_outputs_agree_with_vllms_experts_within_bf16_rounding(ours_server, smooth_server):

@@ -110,6 +110,8 @@ def _build_smoothed(original: Callable, a: dict, plan: LayerPlan, eps_plan: EpsP
     elif built is not plan:  # the built layer turned out to need vLLM's experts: a router that pads for them
         logger.warning("smoothsmoe: %s keeps vLLM's experts kernel: %s", plan.prefix, built.experts_reason)
         runner.router = SmoothRouter(built, eps, bias, device, options)
+    elif built.experts == "vllm" and options.experts == "auto" and plan.experts_reason is None:
+        experts = f"vllm ({options.AUTO_CPU_EXPERTS_WHY})"
     if built.experts == "vllm" and type(runner.routed_experts.quant_method).__name__ == "Fp8MoEMethod":
         from smoothsmoe_server.engine.experts_method_fp8 import vllm_backend_missing
 
