@@ -23,6 +23,7 @@ from smoothsmoe_server.engine.family_probe import RoutingFunctionFailed, recogni
 from smoothsmoe_server.engine.layer_plan import plan_layer, routing_config
 from smoothsmoe_server.options import SmoothingOptions
 from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
+from vllm.model_executor.layers.quantization.mxfp4 import Mxfp4Config
 from vllm.model_executor.models.llama4 import Llama4MoE
 from vllm.model_executor.models.phimoe import phimoe_routing_function
 
@@ -137,7 +138,7 @@ def test_detection_reads_how_vllm_would_route_the_layer(vllm_config, caplog):
     assert not stock.smoothed and "applied to the input" in stock.reason and stock.config.max_extra == 0
     ours = plan(on_input, experts="smoothsmoe")  # this project's experts apply them per slot
     assert ours.smoothed and ours.experts == "smoothsmoe" and ours.config.width == 3
-    quantized = factory_args(**llama4, apply_router_weight_on_input=True, quant_config=object())
+    quantized = factory_args(**llama4, apply_router_weight_on_input=True, quant_config=Mxfp4Config())  # a real quantization vLLM has
     assert "applied to the input" in plan(quantized, experts="smoothsmoe").reason  # ours are unquantized only
     config, why = routing_config(factory_args(**llama4), 2)
     assert config.scoring_func == "topk_sigmoid" and not config.renormalize and why is None
