@@ -93,41 +93,42 @@ def cmd_run(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from loadtests.server_process import ServerProcess, served_model, smoothsmoe_command, stock_vllm_command
+    from loadtests.server_process import (
+        ServerProcess,
+        served_max_model_len,
+        served_model,
+        smoothsmoe_command,
+        stock_vllm_command,
+    )
 
-    results, found = {}, {}
+    results = {}
     model_args = [args.model] if args.model else []
 
-    def serve_and_run(name, argv, env, logs):
+    def serve_and_run(name, argv, env, logs) -> tuple[str, str, int]:
+        """Start the server, run the profile, print and save its table; the served (name, root, context length)."""
         server = ServerProcess(name, argv, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env}, Path(logs),
                                port=args.port)
         try:
             model, root = served_model(server.url)
-            found.setdefault("model", (model, root, max_model_len(server.url)))
+            max_len = served_max_model_len(server.url)
             results[name] = run_profile(server.url, model, root, PROFILES[args.profile], **common(args))
         finally:
             server.stop()
         print_table(results[name], f"{args.profile}, " + ("stock vLLM" if name == "stock" else f"smoothing {name}"))
         save(results[name], meta(args, server.url, {"smoothing": name}), args.out, f"{args.profile}-{name}")
+        return model, root, max_len
 
     with tempfile.TemporaryDirectory() as logs:
-        serve_and_run("off", smoothsmoe_command("serve", *model_args, "--no-smoothing"), {}, logs)
+        model, root, max_len = serve_and_run("off", smoothsmoe_command("serve", *model_args, "--no-smoothing"), {},
+                                             logs)
         if args.stock:  # the checkpoint and context length the "off" server loaded, no plugin at all
-            model, root, max_len = found["model"]
             serve_and_run("stock", stock_vllm_command(root, "--served-model-name", model, "--max-model-len",
-                                                str(max_len)), {"VLLM_PLUGINS": ""}, logs)
+                                                      str(max_len)), {"VLLM_PLUGINS": ""}, logs)
         serve_and_run("on", smoothsmoe_command("serve", *model_args), {}, logs)
     print_ratios(results["on"], results["off"], f"on / off ({args.profile})", goal=True)
     if args.stock:
         print_ratios(results["off"], results["stock"], "off / stock vLLM (the counters' cost)", goal=False)
         print_ratios(results["on"], results["stock"], "on / stock vLLM", goal=True)
-
-
-def max_model_len(url: str) -> int:
-    """The context length a running vLLM server was started with (its /v1/models card)."""
-    import httpx
-
-    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["max_model_len"]
 
 
 def print_ratios(rows, base_rows, title: str, goal: bool) -> None:

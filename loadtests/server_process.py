@@ -54,6 +54,12 @@ def served_model(url: str, api_key: str | None = None) -> tuple[str, str]:
     return card["id"], card.get("root") or card["id"]
 
 
+def served_max_model_len(url: str, api_key: str | None = None) -> int:
+    """The context length the first model `GET /v1/models` lists was started with (vLLM's `max_model_len`)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    return httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["max_model_len"]
+
+
 class ServerProcess:
     """Starts `argv --host 127.0.0.1 --port <port>` and waits for GET /health = 200.
 

@@ -107,10 +107,7 @@ class SmoothRouter(CountedRouter):
             raise ValueError(f"{plan.prefix} is planned stock ({plan.reason}): a CountingRouter counts it")
         super().__init__(plan, plan.config.width, eps, correction_bias, device, options)
         self.backend = backend
-        # Off CUDA on one rank, routing is traced into vLLM's compiled graph (route_traced). With
-        # tensor parallelism (TP=2 measured) the counts made there never reached the stats buffer
-        # (all 0 in /metrics; cause not found), so several ranks keep the op.
-        self.traced = resolve_routing_backend(backend, device) == "cpu" and _one_rank()
+        self.traced = _traced(backend, device)  # route_traced, in vLLM's compiled graph
         # --smooth-eps online: moves self.eps to hold the budget (armed after calibration)
         self.controller = EpsController(
             EpsControl(options.budget, options.eps_window, eps_range=options.eps_range), self.eps,
@@ -199,9 +196,9 @@ class CountingRouter(CountedRouter):
             raise ValueError(f"{plan.prefix} is planned smoothed: a SmoothRouter routes it")
         super().__init__(plan, inner.top_k, 0.0, correction_bias, device, options, eplb_state=inner.eplb_state)
         self.inner = inner
-        # As SmoothRouter: on one CPU rank the counting is traced into vLLM's graph beside vLLM's own
-        # routing (count_stock_cpu); eagerly, in the op, it cost more than the routing it counts.
-        self.traced = resolve_routing_backend("auto", device) == "cpu" and _one_rank()
+        # On one CPU rank the counting is traced into vLLM's graph beside vLLM's own routing
+        # (count_stock_cpu); eagerly, in the op, it cost more than the routing it counts.
+        self.traced = _traced("auto", device)
 
     @property
     def routing_method_type(self) -> RoutingMethodType:
@@ -230,6 +227,15 @@ def _real_rows(T: int, device: torch.device) -> torch.Tensor | None:
         return None
     is_padding = get_forward_context().is_padding
     return None if is_padding is None else ~is_padding[:T].to(device)
+
+
+def _traced(backend: str, device: torch.device) -> bool:
+    """Whether a router's step is plain torch ops traced into vLLM's compiled graph (routing_cpu), not an op.
+
+    Off CUDA on one rank only: with tensor parallelism (TP=2 measured) the counts made in the graph never
+    reached the stats buffer (all 0 in /metrics; cause not found), so several ranks keep the ops.
+    """
+    return resolve_routing_backend(backend, device) == "cpu" and _one_rank()
 
 
 def _one_rank() -> bool:
