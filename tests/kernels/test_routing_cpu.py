@@ -141,6 +141,49 @@ def test_inductor_compiled_matches_reference():
     torch.testing.assert_close(stats, ref_stats, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("family,E", [("softmax_norm", 16), ("sigmoid_bias", 64), ("softmax_norm", 5)])
+def test_compiled_as_vllm_compiles_it(family, E):
+    """What vLLM's CPU graph runs: inductor with vLLM's CPU options, the layer's sizes static and the
+    token count unbacked (one graph for every T, as vLLM marks it): the same routing, counts, gaps and
+    recorded rows as the reference, and batch-invariant bit for bit (a token alone and inside a batch,
+    at its start, middle and tail)."""
+    from smoothsmoe_kernels.bench_routing_cpu import VLLM_CPU_INDUCTOR
+
+    torch._dynamo.reset()
+    config, _, bias = layer_inputs(1, E, family)
+    layout = StatsLayout(config.top_k, config.max_extra, E)
+    stats, ref_stats = layout.new_buffer(), layout.new_buffer()
+    recorder, ref_recorder = GapRecorder(config.max_extra, 256, "cpu"), GapRecorder(config.max_extra, 256, "cpu")
+    recorder.start(), ref_recorder.start()
+    eps = torch.tensor(0.3)
+
+    def step(s, valid):
+        return smooth_topk_cpu(s, config, eps, bias, stats=stats, valid=valid, recorder=recorder)
+
+    compiled = torch.compile(step, fullgraph=True, options=VLLM_CPU_INDUCTOR)
+    first = (adversarial_scores(8, E, seed=1).bfloat16(), torch.ones(8, dtype=torch.bool))
+    for t in first:
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+    compiled(*first)
+    stats.zero_(), recorder.start()
+    outs = {}
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for T in (1, 3, 40):
+            scores, valid = adversarial_scores(T, E, seed=T).bfloat16(), torch.arange(T) % 4 != 3
+            out, gaps = compiled(scores, valid)
+            ref, ref_gaps = route_with_gaps(scores, config, eps, bias)
+            assert_matches(out, gaps, ref, ref_gaps, config.routed_scaling_factor)
+            accumulate(ref_stats, layout, ref, valid)
+            ref_recorder.record(ref_gaps, valid)
+            outs[T] = (scores, out)
+        scores, out = outs[40]  # 40 = 2 x 16 + 8: rows 32..39 are the vectorized loops' tail
+        for t in (0, 17, 33, 39):
+            alone, _ = compiled(scores[t : t + 1], torch.zeros(1, dtype=torch.bool))
+            assert torch.equal(alone.ids[0], out.ids[t]) and torch.equal(alone.weights[0], out.weights[t]), t
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-12, atol=0)
+    assert torch.equal(recorder.rows, ref_recorder.rows) and torch.equal(recorder.recorded, ref_recorder.recorded)
+
+
 def test_the_servers_cpu_step_with_online_eps_is_one_graph():
     """Route, count and the online eps controller's step (what a layer runs each step with
     --smooth-eps online) trace into one graph, and move eps as the same step run eagerly does."""
@@ -175,7 +218,7 @@ def test_the_servers_cpu_step_with_online_eps_is_one_graph():
 @pytest.mark.parametrize("T,E,family", CASES)
 def test_stock_counts_match_the_reference(T, E, family):
     """count_stock_cpu (a stock layer's counting traced into vLLM's CPU graph) adds what the reference adds."""
-    kw, bias_scale = FAMILIES[family]
+    kw, _ = FAMILIES[family]
     config = RoutingConfig(**{**kw, "max_extra": 0})
     _, scores, bias = layer_inputs(T, E, family)
     ids = stock_ids(scores, config, bias)
