@@ -11,10 +11,17 @@ What differs from the reference, and why:
 - Ties without a host branch. The reference takes torch.topk and re-ranks the
   rows that hold a tie with a stable sort: a data-dependent Python branch
   (a host sync, and a graph break under torch.compile). Here topk runs on
-  int64 keys that order like the scores and are distinct within a row (the
-  index is in the low bits), so ties go to the lower index by construction,
-  the reference's rule (-0.0 equal to +0.0). A full stable sort would do too,
-  at 2-5x the time of topk for E >= 64 and thousands of tokens.
+  float64 keys that order like the scores and are distinct within a row (each
+  score lowered by a sliver that grows with the index, far below a float32
+  step; see _top_lower_index), so ties go to the lower index by construction,
+  the reference's rule (-0.0 equal to +0.0), and the value comes back by
+  rounding to float32. A full stable sort would do too, at 2-5x the time of
+  topk for E >= 64 and thousands of tokens. Int64 keys (the float's bits
+  above the index) were the first form: their values come back through a
+  bit cast that inductor does one element at a time in every loop that reads
+  them; measured (2026-12-01, one thread, whole compiled call) the float64
+  keys are 15 to 20 % faster for E = 16 at T >= 256, even for E = 128 and
+  up to 5 % slower for E = 256 (topk on float64 is the slower sort there).
 - float32 for the weights. exp and log run in float32: torch computes them
   with its vectorized math library on every element, the tail of a tensor
   included (the `vml` functions), so a token's weight does not depend on where
@@ -203,28 +210,34 @@ def _mask_groups(z: torch.Tensor, config: RoutingConfig, with_bias: bool) -> tor
 
 
 def _top_lower_index(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values and indices [T, n] of the n largest z per row, ties to the lower index; -inf / -1 past E.
+    """Values [T, n] float32 and indices [T, n] int64 of the n largest z per row, ties to the lower
+    index; -inf / -1 past E. z [T, E] float32 with no NaN.
 
     torch.topk orders equal values arbitrarily (the reference repairs the rows
-    with a tie, a host branch). Here topk runs on keys that are all distinct:
-    the float's bits as an int32 that orders like the float, shifted up 32
-    bits, minus the index. Worked example, E = 3, z = [1.0, 2.0, 1.0]:
-    keys ~ [o(1) * 2^32 - 0, o(2) * 2^32 - 1, o(1) * 2^32 - 2], so the top 3
-    are experts 1, 0, 2. -0.0 is made +0.0 first (they tie in the reference);
-    NaN must already be gone.
+    with a tie, a host branch). Here topk runs on float64 keys, all distinct
+    within a row: key(z, e) = z - (|z| + 2^-200) * e * d, d = 2^-(28 + bits(E))
+    (so e * d < 2^-28), with -inf first made -2^200 (below any float32). Why
+    that works, for float32 z:
+    - equal z, different e: the keys differ by at least |z| * d, above
+      float64's step at z (|z| * 2^-52) for E up to 2^22; at z = 0 by 2^-200 d.
+    - a > b: a's key is at least a (1 - 2^-28) (a > 0) or a (1 + 2^-28) (a < 0),
+      still above b, which is a float32 step (>= 2^-24 relative) or, near
+      zero, a subnormal step (2^-149) below a.
+    - the value: a key is within 2^-28 relative of z (or within 2^-200 of 0),
+      so rounding it to float32 gives z back (-2^200 gives -inf); a zero comes
+      back as -0.0, made +0.0 (the int64 form's and the reference's sign).
+    Worked example, E = 3, z = [1.0, 2.0, 1.0]: keys [1.0, 2.0 - 2d, 1.0 - 2d],
+    so the top 3 are experts 1, 0, 2.
     """
     E = z.shape[1]
-    bits = torch.where(z == 0.0, 0.0, z).view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: the magnitude bits reversed
-    key = (ordered.to(torch.int64) << 32) - torch.arange(E, device=z.device)  # [T, E], distinct per row
+    d = 2.0 ** -(28 + max(1, (E - 1).bit_length()))
+    z64 = torch.where(z == NEG_INF, -(2.0**200), z.double())
+    key = z64 - (z64.abs() + 2.0**-200) * (torch.arange(E, device=z.device, dtype=torch.float64) * d)  # [T, E]
     # A branch, not topk(min(n, E)): E dynamic under torch.compile, min() is a size inductor can mishandle (see
     # cap_gap); the branch fixes it.
-    top = key.topk(n if E >= n else E, dim=-1, sorted=True).values  # noqa: FURB136
-    idx = (-top) & 0xFFFFFFFF  # the index, back from the low 32 bits
-    # The value, back from the high 32 bits (the ordering undone; it is its own inverse), not a
-    # gather from z: inductor recomputes z's producers at every gather, in every loop that reads vals.
-    hi = ((top + idx) >> 32).to(torch.int32)
-    vals = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    top, idx = key.topk(n if E >= n else E, dim=-1, sorted=True)  # noqa: FURB136
+    vals = top.float()
+    vals = torch.where(vals == 0.0, 0.0, vals)  # -0.0 -> +0.0
     if E >= n:
         return vals, idx
     return F.pad(vals, (0, n - E), value=NEG_INF), F.pad(idx, (0, n - E), value=-1)

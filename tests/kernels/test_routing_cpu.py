@@ -241,3 +241,34 @@ def test_stock_counts_match_the_reference(T, E, family):
 def stock_ids(scores, config, bias):
     """[T, k] ids a stock router would choose: the reference at max_extra 0 (a valid top-k choice)."""
     return route_with_gaps(scores, config, 0.0, bias)[0].ids
+
+
+@pytest.mark.parametrize("E", [3, 16, 64, 300])
+def test_top_lower_index_is_a_stable_sort(E):
+    """The float64 keys order float32 scores exactly, ties to the lower index, values back bit for bit:
+    against a stable descending sort, on rows of neighbouring floats (one float32 step apart), signed
+    zeros, subnormals, float max, -inf and many ties, eagerly and compiled as vLLM compiles."""
+    from smoothsmoe_kernels.bench_routing_cpu import VLLM_CPU_INDUCTOR
+    from smoothsmoe_kernels.routing_cpu import _top_lower_index
+
+    g = torch.Generator().manual_seed(E)
+    f = torch.finfo(torch.float32)
+    specials = torch.tensor([0.0, -0.0, f.tiny, -f.tiny, 1e-45, -1e-45, f.max, -f.max, float("-inf"), 1.0, -1.0])
+    base = torch.randn(E, generator=g)
+    rows = [
+        specials[torch.randint(len(specials), (E,), generator=g)],
+        torch.nextafter(base, torch.full_like(base, float("inf"))).where(torch.rand(E, generator=g) < 0.5, base),
+        torch.randint(-2, 3, (E,), generator=g).float() * 1e-40,  # subnormal ties
+        torch.randn(E, generator=g) * 1e30,
+        torch.full((E,), -f.max),
+    ]
+    z = torch.stack(rows + [torch.randn(E, generator=g).round() for _ in range(11)])  # [16, E], ties
+    n = min(E, 11) + 2  # past E for E = 3
+    ref_vals, ref_idx = (z + 0.0).sort(dim=-1, descending=True, stable=True)  # + 0.0: -0.0 as +0.0
+    ref_vals = torch.where(ref_vals == 0, 0.0, ref_vals)
+    compiled = torch.compile(_top_lower_index, fullgraph=True, options=VLLM_CPU_INDUCTOR)
+    for vals, idx in (_top_lower_index(z, n), compiled(z, n)):
+        k = min(n, E)
+        assert torch.equal(idx[:, :k], ref_idx[:, :k]) and torch.equal(vals[:, :k], ref_vals[:, :k])
+        assert torch.equal(vals[:, :k].signbit(), ref_vals[:, :k].signbit())  # +0.0, never -0.0
+        assert (idx[:, k:] == -1).all() and (vals[:, k:] == float("-inf")).all()
