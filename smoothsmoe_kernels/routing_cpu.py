@@ -44,11 +44,12 @@ What differs from the reference, and why:
 Token-major ([T, W]) on purpose. Inductor vectorizes the innermost axis, here the 6-13 slots,
 with masked partial vectors, which costs at thousands of tokens. A slot-major variant ([W, T],
 topk along dim 0 of the keys' transpose; `_top_lower_index` and every step after it rewritten)
-was measured against this one (2026-12-01, one thread, whole compiled call, default model's
-E = 16): T = 256 157 us against 197, but T = 1 50 us against 45 (its kernel 5.5 us against 2.7:
-each of its loops pays a masked vector per slot row), T = 16 even. Decode steps (T of 1 to a few
-dozen) are what a server runs most, so it was not kept. It also needs sums over slots written as
-adds (eagerly, torch sums a [W, T] column in a batch-dependent order).
+was measured against this one (2026-12-01, both with the int64 keys of the time, one thread,
+whole compiled call, default model's E = 16): T = 256 157 us against 197, but T = 1 50 us
+against 45 (its kernel 5.5 us against 2.7: each of its loops pays a masked vector per slot row),
+T = 16 even. Decode steps (T of 1 to a few dozen) are what a server runs most, so it was not
+kept. It also needs sums over slots written as adds (eagerly, torch sums a [W, T] column in a
+batch-dependent order).
 
 Written for a compiled graph: eagerly it is about 120 small torch ops, as
 slow as the reference at decode sizes and slower at thousands of tokens (the
