@@ -93,6 +93,11 @@ BAD_REQUESTS = [
     # vLLM 0.32 answers this one 500 (an unchecked content[0]; found by the fuzzing): responses_input.py
     ("an output message without content", "/v1/responses",
      json.dumps({"model": MODEL, "input": [{"type": "message", "role": "assistant", "content": []}]}), 400),
+    # vLLM 0.32's own validator crashes on these (AttributeError, a 500; found by the fuzzing): body_validation.py
+    ("structured_outputs not an object (chat)", "/v1/chat/completions",
+     json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "structured_outputs": False}), 400),
+    ("structured_outputs not an object (completions)", "/v1/completions",
+     json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2, "structured_outputs": [{}]}), 400),
 ]
 
 
@@ -104,6 +109,35 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, name,
     assert error["code"] == status and error["message"] and error["type"]
     ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "still there?", "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2})])
+@pytest.mark.parametrize("value", [False, 0, "json", [], [{}]])
+def test_a_body_vllm_validators_crash_on_gets_a_400_naming_the_field(http, path, body, value):
+    r = http.post(path, json={"model": MODEL, **body, "structured_outputs": value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "body.structured_outputs" and "structured_outputs" in error["message"], error
+    # The same field, well formed, is still vLLM's to read.
+    ok = http.post(path, json={"model": MODEL, **body, "structured_outputs": {"regex": "[ab]"}})
+    assert ok.status_code == 200, ok.text
+
+
+def test_an_assistant_refusal_in_responses_input_is_read_as_its_text(client):
+    """vLLM 0.32 answered 500 here (it reads content[0].text; found by the fuzzing): responses_input.py."""
+    def prompt_tokens(part: dict) -> int:
+        said = {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed", "content": [part]}
+        reply = client.responses.create(model=MODEL, max_output_tokens=2, temperature=0.0, input=[
+            {"role": "user", "content": "Tell me a secret."}, said, {"role": "user", "content": "Why not?"}])
+        assert reply.status in ("completed", "incomplete") and reply.output_text is not None
+        return reply.usage.input_tokens
+
+    words = "No, I will not share that. " * 4
+    refused = prompt_tokens({"type": "refusal", "refusal": words})
+    assert refused == prompt_tokens({"type": "output_text", "text": words, "annotations": []})
+    assert refused > prompt_tokens({"type": "output_text", "text": "No.", "annotations": []})
 
 
 def test_api_key_is_required_on_v1_and_health_stays_open(smooth_server):

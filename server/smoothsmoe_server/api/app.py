@@ -21,7 +21,7 @@ from starlette.datastructures import State
 from vllm import SamplingParams
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from smoothsmoe_server.api import corrections, responses_input, shutdown
+from smoothsmoe_server.api import corrections, shutdown
 from smoothsmoe_server.engine.eps import EpsPlan, eps_log_line
 from smoothsmoe_server.engine.snapshot import Snapshot, UncountedLayer
 from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
@@ -44,7 +44,6 @@ class SmoothsmoeEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         """Called by vLLM's build_app after its own routers: add ours, and our corrections of vLLM's answers."""
-        responses_input.install()
         corrections.install()  # the OpenAI answers vLLM 0.32 gets wrong (api/corrections.py)
         app.include_router(routes)
 
