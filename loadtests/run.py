@@ -6,15 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import time
 from pathlib import Path
 
 from loadtests.profiles import Profile
 from loadtests.report import level_row, routing_counters, routing_figures
-
-# `smoothsmoe serve` answers scrapes closer together than 0.25 s from one read of the workers'
-# counters: read right after a short level, they could be those of a scrape made as it began.
-COUNTER_READ_GAP_S = 0.5
 
 
 def bench_args(url: str, model: str, tokenizer: str, profile: Profile, num_prompts: int, *,
@@ -64,6 +59,5 @@ def run_profile(url: str, model: str, tokenizer: str, profile: Profile, *, concu
         bench = run_level(bench_args(url, model, tokenizer, profile, num_prompts, concurrency=c, rate=r,
                                      dataset=dataset, api_key=api_key, slo_ttft_ms=slo_ttft_ms,
                                      slo_tpot_ms=slo_tpot_ms, seed=seed))
-        time.sleep(COUNTER_READ_GAP_S)  # past any scrape made during the level (vLLM's bench makes its own)
         rows.append(level_row(label, bench, routing_figures(before, routing_counters(url, headers))))
     return rows

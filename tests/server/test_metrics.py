@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import openai
 import pytest
-from smoothsmoe_server.api.middleware import SNAPSHOT_MAX_AGE_S
 from smoothsmoe_server.models.calibration_prompts import CALIBRATION_PROMPTS
 from smoothsmoe_server.models.default_model import DEFAULT_MODEL_NAME as MODEL
 from smoothsmoe_server.models.default_model import NUM_EXPERTS, NUM_LAYERS, TOP_K
@@ -44,9 +42,8 @@ def calibration_delta(smooth_server):
     """Counters before and after the calibration prompts, and their difference."""
     before = scrape(smooth_server.url)
     run_calibration_prompts(smooth_server.url)
-    # The prompts can take less than the time scrapes share one worker read (0.18 s measured on
-    # 2 cores): wait it out, or the second scrape shows the first one's counters.
-    time.sleep(2 * SNAPSHOT_MAX_AGE_S)
+    # No wait: the prompts take about 0.18 s on 2 cores, and a scrape reads the counters after it
+    # arrives (middleware.MetricsRefresh; a cache by age once showed the first scrape's here).
     after = scrape(smooth_server.url)
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     return before, after, delta

@@ -9,8 +9,10 @@ vLLM builds each from its name with no arguments, innermost first:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import time
 
 from fastapi.responses import JSONResponse
@@ -23,17 +25,23 @@ from smoothsmoe_server.api.metrics import RoutingMetrics
 from smoothsmoe_server.api.shutdown import shutting_down
 
 logger = logging.getLogger("vllm.smoothsmoe")  # under "vllm": vLLM's log handlers and format
-SNAPSHOT_MAX_AGE_S = 0.25  # scrapes closer together than this share one worker read
 
 
 class MetricsRefresh:
     """ASGI middleware (listed in args.middleware): on GET /metrics, read the
-    workers' routing counters first, so the scrape sees them as of now."""
+    workers' routing counters first, so the scrape sees them as of its arrival.
+
+    Reads run one at a time; scrapes that arrive while one runs wait for the next and share
+    it. So a burst of scrapes costs at most two reads, and no scrape shows counters read
+    before it arrived (a cache by age, kept earlier, showed counters up to its age old beside
+    vLLM's own fresh token counters in the same scrape).
+    """
 
     def __init__(self, app):
         self.app = app
         self.metrics = RoutingMetrics()
-        self.read_at = 0.0
+        self.lock = asyncio.Lock()
+        self.read_started = -math.inf  # time.monotonic() at the start of the last read that succeeded
         # The registry vLLM's /metrics serves with a single API server (cli.py
         # refuses --api-server-count > 1, where it would be a multiprocess one).
         REGISTRY.register(self.metrics)
@@ -44,13 +52,16 @@ class MetricsRefresh:
         await self.app(scope, receive, send)
 
     async def refresh(self, engine) -> None:
-        if time.monotonic() - self.read_at < SNAPSHOT_MAX_AGE_S:
-            return
-        try:
-            self.metrics.update((await engine.collective_rpc("smoothsmoe_snapshot"))[0])
-            self.read_at = time.monotonic()
-        except Exception:  # an unreadable engine must not break vLLM's own metrics: keep the last snapshot
-            logger.exception("smoothsmoe: could not read the routing counters; /metrics shows the last ones")
+        arrived = time.monotonic()
+        async with self.lock:
+            if self.read_started >= arrived:  # a read that began after this scrape arrived: share it
+                return
+            started = time.monotonic()
+            try:
+                self.metrics.update((await engine.collective_rpc("smoothsmoe_snapshot"))[0])
+                self.read_started = started
+            except Exception:  # an unreadable engine must not break vLLM's own metrics: keep the last snapshot
+                logger.exception("smoothsmoe: could not read the routing counters; /metrics shows the last ones")
 
 
 def api_keys(args) -> list[str]:

@@ -7,10 +7,10 @@ plan: each owns its layer's statistics buffer, allocated once on the device and
 updated in place, so counting survives torch.compile and needs no host sync.
 
 vLLM's CPU backend traces the router into its compiled graph. A smoothed layer on
-one CPU rank lets it: SmoothRouter.route_traced is plain torch ops (routing_cpu)
+the CPU lets it: SmoothRouter.route_traced is plain torch ops (routing_cpu)
 with eps and the recorder's flag as tensors, so a new eps or the start of a
 calibration is seen without a re-trace; a CountingRouter's counting is traced there too, beside
-vLLM's routing (routing_cpu.count_stock_cpu). Elsewhere (CUDA, several ranks) routing and
+vLLM's routing (routing_cpu.count_stock_cpu). On CUDA routing and
 counting run inside custom ops (`smoothsmoe::route`,
 `smoothsmoe::count`): opaque to the compiler, they run eagerly every step. The
 ops find their router through vLLM's forward context, by layer name, as vLLM's
@@ -20,7 +20,6 @@ own MoE op finds its layer.
 from __future__ import annotations
 
 import torch
-from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
@@ -132,8 +131,7 @@ class SmoothRouter(CountedRouter):
         smooth_topk_cpu has no data-dependent Python (tests/kernels/test_routing_cpu.py compiles it
         whole), so inductor fuses it into the graph: 3.0 to 3.6 ms a token. Its counts and the band
         gaps go to the same buffers in place (eps and the recorder's flag are tensors: setting them
-        needs no re-trace). vLLM pads no rows on the CPU, so every row is counted. One rank only
-        (see __init__).
+        needs no re-trace). vLLM pads no rows on the CPU, so every row is counted.
         """
         result, _ = smooth_topk_cpu(router_logits, self.config, self.eps, self.correction_bias,
                                     stats=self.counters.stats, recorder=self.counters.recorder)
@@ -196,7 +194,7 @@ class CountingRouter(CountedRouter):
             raise ValueError(f"{plan.prefix} is planned smoothed: a SmoothRouter routes it")
         super().__init__(plan, inner.top_k, 0.0, correction_bias, device, options, eplb_state=inner.eplb_state)
         self.inner = inner
-        # On one CPU rank the counting is traced into vLLM's graph beside vLLM's own routing
+        # On the CPU the counting is traced into vLLM's graph beside vLLM's own routing
         # (count_stock_cpu); eagerly, in the op, it cost more than the routing it counts.
         self.traced = _traced("auto", device)
 
@@ -230,24 +228,14 @@ def _real_rows(T: int, device: torch.device) -> torch.Tensor | None:
 
 
 def _traced(backend: str, device: torch.device) -> bool:
-    """Whether a router's step is plain torch ops traced into vLLM's compiled graph (routing_cpu), not an op.
+    """Whether a router's step is plain torch ops traced into vLLM's compiled graph (routing_cpu), not an op:
+    off CUDA, on any number of ranks (each rank counts into its own buffer; /metrics reads rank 0's).
 
-    Off CUDA on one rank only: with tensor parallelism (TP=2 measured) the counts made in the graph never
-    reached the stats buffer (all 0 in /metrics; cause not found), so several ranks keep the ops.
+    With tensor parallelism this once looked like it lost the counts; it was /metrics answering from a
+    read up to 0.25 s old (middleware.MetricsRefresh no longer caches by age), read right after
+    requests the traced path made fast enough to finish within it.
     """
-    return resolve_routing_backend(backend, device) == "cpu" and _one_rank()
-
-
-def _one_rank() -> bool:
-    """Whether the layer is built for one rank (no tensor or pipeline parallelism).
-
-    vLLM builds layers inside its config context; a router built outside one (tests that build a
-    router alone) has no parallelism to speak of. vLLM 0.32 asserts when no config is current.
-    """
-    try:
-        return get_current_vllm_config().parallel_config.world_size == 1
-    except AssertionError:
-        return True
+    return resolve_routing_backend(backend, device) == "cpu"
 
 
 def _router(layer_name: str):
